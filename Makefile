@@ -1,0 +1,37 @@
+# Two commands for a new user: `make demo` (set up + explain sample_images) and `make test` (set up + tests).
+# Both create .venv themselves and work offline from the package registries.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= demo_out
+
+.PHONY: demo test lint typecheck bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[demo]"
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[demo,test]"
+	touch $@ $(VENV)/.demo-installed
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/gradcam explain sample_images -o $(DEMO_OUT) -c configs/efficientnet_lite0.yaml
+
+test: $(VENV)/.test-installed
+	$(BIN)/ruff check gradcam_cli tests bench
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check gradcam_cli tests bench
+	$(BIN)/ruff format --check gradcam_cli tests bench
+	$(BIN)/mypy gradcam_cli
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,262 @@
+"""Settings: YAML config + command-line flags -> one validated, frozen `Settings`.
+
+Precedence is flag > config file > default. Every value passes through the same validator whether it came
+from YAML or a flag, so a wrong value is reported the same way, naming the config key (or flag) and what
+was expected. No torch import here: config errors must answer instantly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradcam_cli.colormaps import COLORMAP_NAMES
+from gradcam_cli.errors import GradcamError
+
+METHOD_NAMES: tuple[str, ...] = ("gradcam",)
+SAVE_KINDS: tuple[str, ...] = ("heatmap", "overlay", "npy")
+PREPROCESS_MODES: tuple[str, ...] = ("full", "crop")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+TARGET_PATTERN = re.compile(r"^(pred|topk:[1-9]\d*)$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run needs to know, already validated. Tuples, not lists, so it can be hashed and shared."""
+
+    model: str | None = None
+    weights: str | None = None
+    target_layers: tuple[str, ...] = ()
+    method: str = "gradcam"
+    targets: tuple[str, ...] = ("pred",)
+    batch_size: int = 16
+    device: str = "auto"
+    workers: int = 2
+    save: tuple[str, ...] = ("heatmap", "overlay")
+    colormap: str = "jet"
+    alpha: float = 0.5
+    preprocess: str = "full"
+    input_size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    labels: str | None = None
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    limit: int | None = None
+    quiet: bool = False
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes` validated as if they were flags (so the API gets the same checks as the CLI)."""
+        return dataclasses.replace(self, **_validate_all(changes, source="argument"))
+
+
+def _fail(key: str, source: str, expected: str, value: Any) -> GradcamError:
+    where = f"config key '{key}'" if source == "config" else f"{source} '{key}'"
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return GradcamError(f"{where}: expected {expected}, got {shown}")
+
+
+def _str_list(value: Any) -> list[str] | None:
+    """Accept 'a,b', ['a', 'b'] or a single scalar; None when the shape is wrong."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        return [str(v).strip() for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [str(value)]
+    return None
+
+
+def _v_optional_str(key: str, value: Any, source: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(key, source, "a non-empty string", value)
+    return value.strip()
+
+
+def _v_layers(key: str, value: Any, source: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in items):
+        raise _fail(key, source, "a layer path or a list of layer paths such as 'layer4' or 'features.-1'", value)
+    return tuple(v.strip() for v in items)
+
+
+def _v_choice(choices: tuple[str, ...]) -> Callable[[str, Any, str], str]:
+    def check(key: str, value: Any, source: str) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in choices:
+            raise _fail(key, source, "one of " + ", ".join(choices), value)
+        return value.strip().lower()
+
+    return check
+
+
+def _v_targets(key: str, value: Any, source: str) -> tuple[str, ...]:
+    items = _str_list(value)
+    if not items:
+        raise _fail(key, source, "'pred', 'topk:K', class indexes or class names", value)
+    for item in items:
+        if item.lower().startswith("topk") and not TARGET_PATTERN.match(item.lower()):
+            raise _fail(key, source, "'topk:K' with K a positive integer", item)
+        if item.lstrip("-").isdigit() and int(item) < 0:
+            raise _fail(key, source, "class indexes >= 0", item)
+    return tuple(i.lower() if TARGET_PATTERN.match(i.lower()) else i for i in items)
+
+
+def _v_positive_int(key: str, value: Any, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(key, source, "a positive integer", value)
+    return value
+
+
+def _v_optional_positive_int(key: str, value: Any, source: str) -> int | None:
+    return None if value is None else _v_positive_int(key, value, source)
+
+
+def _v_nonneg_int(key: str, value: Any, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(key, source, "an integer >= 0", value)
+    return value
+
+
+def _v_device(key: str, value: Any, source: str) -> str:
+    if not isinstance(value, str) or not DEVICE_PATTERN.match(value.strip().lower()):
+        raise _fail(key, source, "auto, cpu, cuda, cuda:N or mps", value)
+    return value.strip().lower()
+
+
+def _v_save(key: str, value: Any, source: str) -> tuple[str, ...]:
+    items = _str_list(value)
+    if items is None or not all(i.lower() in SAVE_KINDS for i in items):
+        raise _fail(key, source, "a comma-separated subset of " + ",".join(SAVE_KINDS), value)
+    lowered = [i.lower() for i in items]
+    return tuple(k for k in SAVE_KINDS if k in lowered)
+
+
+def _v_alpha(key: str, value: Any, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise _fail(key, source, "a number between 0 and 1", value)
+    return float(value)
+
+
+def _v_input_size(key: str, value: Any, source: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 8:
+        return (value, value)
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in value)
+    ):
+        return (int(value[0]), int(value[1]))
+    raise _fail(key, source, "an integer >= 8 or [height, width]", value)
+
+
+def _v_triple(key: str, value: Any, source: str) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
+        return (float(value[0]), float(value[1]), float(value[2]))
+    raise _fail(key, source, "a list of three numbers (one per RGB channel, images scaled to [0, 1])", value)
+
+
+def _v_kwargs(key: str, value: Any, source: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise _fail(key, source, "a mapping of keyword arguments", value)
+    return dict(value)
+
+
+def _v_bool(key: str, value: Any, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, source, "true or false", value)
+    return value
+
+
+VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
+    "model": _v_optional_str,
+    "weights": _v_optional_str,
+    "target_layers": _v_layers,
+    "method": _v_choice(METHOD_NAMES),
+    "targets": _v_targets,
+    "batch_size": _v_positive_int,
+    "device": _v_device,
+    "workers": _v_nonneg_int,
+    "save": _v_save,
+    "colormap": _v_choice(COLORMAP_NAMES),
+    "alpha": _v_alpha,
+    "preprocess": _v_choice(PREPROCESS_MODES),
+    "input_size": _v_input_size,
+    "mean": _v_triple,
+    "std": _v_triple,
+    "labels": _v_optional_str,
+    "model_kwargs": _v_kwargs,
+    "limit": _v_optional_positive_int,
+    "quiet": _v_bool,
+}
+assert set(VALIDATORS) == {f.name for f in dataclasses.fields(Settings)}
+
+
+def _validate_all(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in VALIDATORS:
+            import difflib
+
+            near = difflib.get_close_matches(str(key), list(VALIDATORS), n=3)
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise GradcamError(
+                f"unknown {'config key' if source == 'config' else source} '{key}'{hint}; "
+                f"valid keys: {', '.join(VALIDATORS)}"
+            )
+        clean[key] = VALIDATORS[key](key, value, source)
+    return clean
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML config with the safe loader; the result is validated but not yet merged."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise GradcamError(f"cannot read config {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise GradcamError(f"cannot read config {p}: not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise GradcamError(f"config {p}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise GradcamError(f"config {p}: expected a mapping of keys to values at the top level")
+    clean = _validate_all(data, source="config")
+    if clean.get("labels"):
+        # a relative labels path means relative to the config file, which is how people write configs
+        labels = Path(clean["labels"])
+        if not labels.is_absolute():
+            clean["labels"] = str((p.parent / labels))
+    return clean
+
+
+def load_settings(config: str | Path | None = None, **flags: Any) -> Settings:
+    """Merge defaults, the config file and flags (None means "flag not given") into validated `Settings`."""
+    merged: dict[str, Any] = read_config(config) if config is not None else {}
+    merged.update(_validate_all({k: v for k, v in flags.items() if v is not None}, source="option"))
+    return Settings(**merged)

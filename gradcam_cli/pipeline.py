@@ -1,0 +1,331 @@
+"""The streaming loop: files in, batches through the engine, rows and image files out.
+
+    discover -> DataLoader workers (decode, resize) -> device (normalise) -> CamEngine (forward + backward)
+             -> render (upsample, normalise, colour, blend; uint8) -> OutputWriter threads (encode, write, CSV)
+
+Only a bounded number of batches is in flight at each stage, so memory does not grow with the folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradcam_cli import __version__
+from gradcam_cli.colormaps import lut as colormap_lut
+from gradcam_cli.config import Settings
+from gradcam_cli.data import ImageFile, discover, make_loader
+from gradcam_cli.engine import CamEngine
+from gradcam_cli.errors import GradcamError
+from gradcam_cli.layers import auto_detect_layer, resolve_layer
+from gradcam_cli.methods import METHODS
+from gradcam_cli.models import LoadedModel, label_of, load_model
+from gradcam_cli.render import render
+from gradcam_cli.sinks import OutputWriter, output_name, write_manifest
+
+ProgressFn = Callable[[int], None]
+LogFn = Callable[[str], None]
+
+
+@dataclass
+class RunSummary:
+    """What a run did; `exit_code` is what the CLI returns (0 all explained, 1 some images failed)."""
+
+    out: str
+    total: int
+    ok: int
+    errors: int
+    seconds: float
+    images_per_second: float
+    layers: list[str]
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.errors else 0
+
+
+def resolve_device(spec: str) -> torch.device:
+    """auto -> CUDA when present, else CPU; an explicit device that is absent is a usage error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise GradcamError(f"--device {spec}: CUDA is not available on this machine (use cpu or auto)")
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise GradcamError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if spec == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise GradcamError("--device mps: MPS is not available on this machine (use cpu or auto)")
+    return torch.device(spec)
+
+
+class TargetSelector:
+    """Turns `targets` settings into a (B, T) class-index tensor given the logits of a batch."""
+
+    def __init__(self, targets: Sequence[str], labels: Sequence[str]) -> None:
+        self.items: list[tuple[str, int]] = []
+        lowered = {name.lower(): i for i, name in enumerate(labels)}
+        for item in targets:
+            if item == "pred":
+                self.items.append(("pred", 1))
+            elif item.startswith("topk:"):
+                self.items.append(("topk", int(item.split(":")[1])))
+            elif item.isdigit():
+                self.items.append(("index", int(item)))
+            elif item.lower() in lowered:
+                self.items.append(("index", lowered[item.lower()]))
+            else:
+                near = difflib.get_close_matches(item, list(labels), n=3)
+                hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+                raise GradcamError(f"--target '{item}': not 'pred', 'topk:K', a class index or a class name{hint}")
+        self.slots = sum(k if kind == "topk" else 1 for kind, k in self.items)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        n, classes = logits.shape
+        cols = []
+        for kind, k in self.items:
+            if kind == "pred":
+                cols.append(logits.argmax(dim=1, keepdim=True))
+            elif kind == "topk":
+                if k > classes:
+                    raise GradcamError(f"--target topk:{k}: the model has only {classes} classes")
+                cols.append(logits.topk(k, dim=1).indices)
+            else:
+                if k >= classes:
+                    raise GradcamError(f"--target {k}: the model has only {classes} classes (0..{classes - 1})")
+                cols.append(torch.full((n, 1), k, dtype=torch.long, device=logits.device))
+        return torch.cat(cols, dim=1)
+
+
+def _error_row(rel: str, message: str, method: str) -> dict[str, Any]:
+    return {"path": rel, "status": "error", "error": message, "method": method}
+
+
+def _select_layers(loaded: LoadedModel, settings: Settings, device: torch.device, log: LogFn) -> dict[str, Any]:
+    if settings.target_layers:
+        resolved = [resolve_layer(loaded.model, spec) for spec in settings.target_layers]
+        return {name: module for name, module in resolved}
+    name = auto_detect_layer(loaded.model, loaded.spec.size, device)
+    log(f"target layer: {name} (auto-detected: last spatial layer before pooling; set --layer to change)")
+    return {name: resolve_layer(loaded.model, name)[1]}
+
+
+def explain(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    settings: Settings,
+    progress: ProgressFn | None = None,
+    log: LogFn | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """Explain every image under `inputs` into `out`: heatmaps/, overlays/, npy/, predictions.csv, run.json.
+
+    Per-image problems become `status=error` rows; problems with the call itself raise GradcamError.
+    """
+    log = log or (lambda message: None)
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GradcamError(f"-o {out_dir}: exists and is not a directory")
+    files: list[ImageFile] = discover(inputs, exclude=[out_dir])
+    if settings.limit is not None:
+        files = files[: settings.limit]
+    if not files:
+        raise GradcamError("no images found in " + ", ".join(str(p) for p in inputs))
+    device = resolve_device(settings.device)
+    loaded = load_model(settings)
+    loaded.model.to(device)
+    layers = _select_layers(loaded, settings, device, log)
+    selector = TargetSelector(settings.targets, loaded.labels)
+    method = METHODS[settings.method]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if on_start is not None:
+        on_start(len(files))
+
+    spec = loaded.spec
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
+    lut = torch.from_numpy(colormap_lut(settings.colormap)).to(device)
+    save = set(settings.save)
+    multi_layer = len(layers) > 1
+    multi_target = selector.slots > 1
+
+    manifest: dict[str, Any] = {
+        "tool": "gradcam-cli",
+        "version": __version__,
+        "status": "running",
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": [str(p) for p in inputs],
+        "model": loaded.name,
+        "weights": loaded.weights,
+        "layers": list(layers),
+        "method": settings.method,
+        "targets": list(settings.targets),
+        "preprocessing": {**asdict(spec)},
+        "device": str(device),
+        "batch_size": settings.batch_size,
+        "workers": settings.workers,
+        "save": list(settings.save),
+        "colormap": settings.colormap,
+        "alpha": settings.alpha,
+        "versions": {
+            "gradcam_cli": __version__,
+            "torch": torch.__version__,
+            "torchvision": _torchvision_version(),
+            "python": platform.python_version(),
+        },
+    }
+    write_manifest(out_dir / "run.json", manifest)
+
+    loader = make_loader(
+        files,
+        spec,
+        settings.batch_size,
+        settings.workers,
+        keep_original="overlay" in save,
+        pin=device.type == "cuda",
+    )
+    stages = {"decode_wait": 0.0, "compute": 0.0, "render": 0.0}
+    ok = errors = 0
+    start = time.perf_counter()
+    writer = OutputWriter(out_dir, out_dir / "predictions.csv", threads=2)
+    status = "interrupted"
+    try:
+        with CamEngine(loaded.model, layers, method) as engine:
+            t_wait = time.perf_counter()
+            for batch in loader:
+                stages["decode_wait"] += time.perf_counter() - t_wait
+                rows: dict[int, list[dict[str, Any]]] = {}
+                outputs: list[tuple[str, str, Any]] = []
+                for index, message in batch.errors:
+                    rows[index] = [_error_row(files[index].rel, message, settings.method)]
+                if batch.inputs is not None:
+                    t0 = time.perf_counter()
+                    x = batch.inputs.to(device, non_blocking=True).float().sub_(mean).div_(std)
+                    result = engine.run(x, selector)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t1 = time.perf_counter()
+                    stages["compute"] += t1 - t0
+                    _render_batch(batch, result, files, layers, settings, lut, save, multi_layer, multi_target,
+                                  loaded.labels, rows, outputs)
+                    stages["render"] += time.perf_counter() - t1
+                for index in sorted(rows):
+                    if rows[index][0]["status"] == "ok":
+                        ok += 1
+                    else:
+                        errors += 1
+                writer.submit_batch(outputs, [row for index in sorted(rows) for row in rows[index]])
+                if progress is not None:
+                    progress(len(rows))
+                t_wait = time.perf_counter()
+        status = "complete"
+    finally:
+        writer.close()
+        seconds = time.perf_counter() - start
+        stages["write_threads"] = writer.write_seconds
+        manifest.update(
+            status=status,
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            counts={"images": len(files), "ok": ok, "error": errors},
+            wall_seconds=round(seconds, 3),
+            images_per_second=round((ok + errors) / seconds, 3) if seconds > 0 else None,
+            stage_seconds={k: round(v, 3) for k, v in stages.items()},
+        )
+        write_manifest(out_dir / "run.json", manifest)
+    return RunSummary(
+        out=str(out_dir),
+        total=len(files),
+        ok=ok,
+        errors=errors,
+        seconds=seconds,
+        images_per_second=(ok + errors) / seconds if seconds > 0 else 0.0,
+        layers=list(layers),
+        stages=stages,
+    )
+
+
+def _torchvision_version() -> str:
+    try:
+        import torchvision
+
+        return str(torchvision.__version__)
+    except ImportError:
+        return "not installed"
+
+
+def _render_batch(
+    batch: Any,
+    result: Any,
+    files: Sequence[ImageFile],
+    layers: dict[str, Any],
+    settings: Settings,
+    lut: torch.Tensor,
+    save: set[str],
+    multi_layer: bool,
+    multi_target: bool,
+    labels: Sequence[str],
+    rows: dict[int, list[dict[str, Any]]],
+    outputs: list[tuple[str, str, Any]],
+) -> None:
+    """Turn one batch's CAMs into rows and files; a non-finite result is an error row for that image only."""
+    probs = result.probs
+    pred_prob, pred_index = probs.max(dim=1)
+    target_prob = probs.gather(1, result.targets)
+    finite_logits = torch.isfinite(result.logits).all(dim=1)
+    cam_max = {name: cams.amax(dim=(2, 3)) for name, cams in result.cams.items()}
+    finite_cams = {name: torch.isfinite(cams).flatten(1).all(dim=1) for name, cams in result.cams.items()}
+    # one host copy of the small per-image numbers
+    pred_prob_l, pred_index_l = pred_prob.tolist(), pred_index.tolist()
+    target_l, target_prob_l = result.targets.tolist(), target_prob.tolist()
+    finite_l = finite_logits.tolist()
+    cam_max_l = {k: v.tolist() for k, v in cam_max.items()}
+    finite_cams_l = {k: v.tolist() for k, v in finite_cams.items()}
+    for i, index in enumerate(batch.indices):
+        rel = files[index].rel
+        if not finite_l[i] or not all(finite_cams_l[name][i] for name in layers):
+            what = "logits" if not finite_l[i] else "CAM"
+            rows[index] = [_error_row(rel, f"non-finite {what} (NaN or inf) from the model", settings.method)]
+            continue
+        image_rows = []
+        for name in layers:
+            for t, target in enumerate(target_l[i]):
+                suffix = (f"__{name}" if multi_layer else "") + (f"__{target}" if multi_target else "")
+                cam = result.cams[name][i, t]
+                rendered = render(cam, batch.sizes[i], batch.boxes[i], batch.originals[i], lut, settings.alpha)
+                row: dict[str, Any] = {
+                    "path": rel,
+                    "status": "ok",
+                    "error": "",
+                    "pred_index": pred_index_l[i],
+                    "pred_label": label_of(labels, pred_index_l[i]),
+                    "pred_prob": f"{pred_prob_l[i]:.6f}",
+                    "target_index": target,
+                    "target_label": label_of(labels, target),
+                    "target_prob": f"{target_prob_l[i][t]:.6f}",
+                    "method": settings.method,
+                    "layer": name,
+                    "cam_max": f"{cam_max_l[name][i][t]:.6g}",
+                    "peak_x": rendered.peak_x,
+                    "peak_y": rendered.peak_y,
+                    "heatmap": "",
+                    "overlay": "",
+                }
+                if "heatmap" in save:
+                    row["heatmap"] = output_name("heatmaps", rel, suffix, "png")
+                    outputs.append((row["heatmap"], "png", rendered.heatmap.numpy()))
+                if "overlay" in save and rendered.overlay is not None:
+                    row["overlay"] = output_name("overlays", rel, suffix, "jpg")
+                    outputs.append((row["overlay"], "jpg", rendered.overlay.numpy()))
+                if "npy" in save:
+                    outputs.append((output_name("npy", rel, suffix, "npy"), "npy", cam.detach().cpu().numpy()))
+                image_rows.append(row)
+        rows[index] = image_rows
