@@ -19,7 +19,7 @@ from gradcam_cli.colormaps import COLORMAP_NAMES
 from gradcam_cli.config import METHOD_NAMES, PREPROCESS_MODES, load_settings
 from gradcam_cli.errors import GradcamError
 
-EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 4
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -35,15 +35,19 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except GradcamError as exc:
             _fail(str(exc))
+        except BrokenPipeError:
+            # `gradcam models | head`: the reader went away; that is not an error
+            sys.stderr.close()
+            os._exit(EXIT_OK)
         except KeyboardInterrupt:
             _fail("interrupted; everything written so far is kept", 130)
         except MemoryError:
             _fail("out of memory; try a smaller --batch-size", EXIT_IMAGE_ERRORS)
-        except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line, traceback on request
+        except Exception as exc:
             if os.environ.get("GRADCAM_DEBUG"):
                 raise
             first = " ".join(str(exc).split())[:300]
-            _fail(f"unexpected {type(exc).__name__}: {first} (set GRADCAM_DEBUG=1 for the traceback)", EXIT_IMAGE_ERRORS)
+            _fail(f"unexpected {type(exc).__name__}: {first} (set GRADCAM_DEBUG=1 for the traceback)", EXIT_INTERNAL)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -58,26 +62,49 @@ def main() -> None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=str),
-              help="Output folder (created; existing outputs are overwritten).")
-@click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=str),
-              help="YAML config; flags given on the command line win over it.")
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=str),
+    help="Output folder (created; existing outputs are overwritten).",
+)
+@click.option(
+    "-c",
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=str),
+    help="YAML config; flags given on the command line win over it.",
+)
 @click.option("--model", help="torchvision model name (see `gradcam models`) or package.module:callable.")
-@click.option("--weights", help="DEFAULT, a weights enum name (IMAGENET1K_V2), none, or a checkpoint path. "
-              "[default: DEFAULT for torchvision models, none for factories]")
-@click.option("--layer", "target_layers", multiple=True,
-              help="Target layer path, e.g. layer4, layer4.-1, layer4[-1] (repeatable). [default: auto-detect]")
+@click.option(
+    "--weights",
+    help="DEFAULT, a weights enum name (IMAGENET1K_V2), none, or a checkpoint path. "
+    "[default: DEFAULT for torchvision models, none for factories]",
+)
+@click.option(
+    "--layer",
+    "target_layers",
+    multiple=True,
+    help="Target layer path, e.g. layer4, layer4.-1, layer4[-1] (repeatable). [default: auto-detect]",
+)
 @click.option("--method", type=click.Choice(METHOD_NAMES), help="CAM method. [default: gradcam]")
-@click.option("--target", "targets", multiple=True,
-              help="pred, topk:K, a class index or a class name (repeatable). [default: pred]")
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    help="pred, topk:K, a class index or a class name (repeatable). [default: pred]",
+)
 @click.option("--batch-size", type=int, help="Images per forward/backward pass. [default: 16]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
 @click.option("--workers", type=int, help="Decode worker processes (0 decodes in the main process). [default: 2]")
 @click.option("--save", help="Comma-separated subset of heatmap,overlay,npy. [default: heatmap,overlay]")
 @click.option("--colormap", type=click.Choice(COLORMAP_NAMES), help="Overlay colormap. [default: jet]")
 @click.option("--alpha", type=float, help="Heatmap weight in the overlay, 0..1. [default: 0.5]")
-@click.option("--preprocess", type=click.Choice(PREPROCESS_MODES),
-              help="full: resize the whole image; crop: the weights' resize + center crop. [default: full]")
+@click.option(
+    "--preprocess",
+    type=click.Choice(PREPROCESS_MODES),
+    help="full: resize the whole image; crop: the weights' resize + center crop. [default: full]",
+)
 @click.option("--limit", type=int, help="Explain only the first N images (sorted order).")
 @click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar or messages.")
 @_guarded
@@ -138,7 +165,7 @@ def models() -> None:
         try:
             enum = torchvision.models.get_model_weights(name)
             size = enum.DEFAULT.transforms().crop_size[0]
-            weights = ", ".join(enum.__members__)
+            weights = ", ".join(m for m in enum.__members__ if m != "DEFAULT")
         except (ValueError, KeyError, AttributeError):
             size, weights = 224, "-"
         click.echo(f"{name:<28} {size:>7}  {weights}")
@@ -146,8 +173,12 @@ def models() -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("-c", "--config", type=click.Path(exists=True, dir_okay=False, path_type=str),
-              help="YAML config (for model_kwargs, input_size of a factory model).")
+@click.option(
+    "-c",
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=str),
+    help="YAML config (for model_kwargs, input_size of a factory model).",
+)
 @click.option("--input-size", type=int, help="Dummy input size. [default: the model's]")
 @click.option("--all", "show_all", is_flag=True, help="Also list modules with non-spatial outputs.")
 @_guarded

@@ -53,8 +53,24 @@ class Settings:
         return dataclasses.replace(self, **_validate_all(changes, source="argument"))
 
 
+FLAG_NAMES: dict[str, str] = {"target_layers": "--layer", "targets": "--target"}
+
+
+def flag_name(key: str) -> str:
+    """The command-line spelling of a settings key (`batch_size` -> `--batch-size`)."""
+    return FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+
+
+def _where(key: str, source: str) -> str:
+    if source == "config":
+        return f"config key '{key}'"
+    if source == "option":
+        return f"option {flag_name(key)}"
+    return f"{source} '{key}'"
+
+
 def _fail(key: str, source: str, expected: str, value: Any) -> GradcamError:
-    where = f"config key '{key}'" if source == "config" else f"{source} '{key}'"
+    where = _where(key, source)
     shown = repr(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."
@@ -251,7 +267,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
         # a relative labels path means relative to the config file, which is how people write configs
         labels = Path(clean["labels"])
         if not labels.is_absolute():
-            clean["labels"] = str((p.parent / labels))
+            clean["labels"] = str(p.parent / labels)
     return clean
 
 

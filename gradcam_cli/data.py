@@ -50,7 +50,9 @@ def _walk(root: Path, skip: set[Path]) -> Iterator[Path]:
                 yield here / name
 
 
-def discover(inputs: Sequence[str | os.PathLike[str]], exclude: Sequence[str | os.PathLike[str]] = ()) -> list[ImageFile]:
+def discover(
+    inputs: Sequence[str | os.PathLike[str]], exclude: Sequence[str | os.PathLike[str]] = ()
+) -> list[ImageFile]:
     """Files and folders -> sorted image files with relative paths; folders in `exclude` (OUT) are skipped.
 
     Paths are relative to the INPUT root they were found under (a file given directly is named by its file
@@ -150,7 +152,7 @@ class ImageDataset(torch.utils.data.Dataset[Sample]):
             arr, box = model_input(img, self.spec)
             original = torch.from_numpy(np.array(img)) if self.keep_original else None
             return Sample(index, None, torch.from_numpy(arr), original, (img.height, img.width), box)
-        except Exception as exc:  # noqa: BLE001 - any decode failure is a per-image error row
+        except Exception as exc:
             return Sample(index, one_line(exc))
 
 

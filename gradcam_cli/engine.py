@@ -71,7 +71,9 @@ class CamEngine:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -84,7 +86,7 @@ class CamEngine:
         self._grad_flags.clear()
         self._acts.clear()
 
-    def _hook(self, name: str):  # noqa: ANN202 - a forward hook closure
+    def _hook(self, name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> Tensor:
             if not isinstance(output, Tensor) or output.dim() != 4:
                 shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
@@ -92,9 +94,11 @@ class CamEngine:
                     f"layer '{name}' outputs {shape}, not a spatial (B, C, h, w) map; choose an earlier layer "
                     "(see `gradcam layers MODEL`)"
                 )
-            leaf = output.detach().requires_grad_(True)
-            self._acts[name] = leaf
-            return leaf.clone()
+            # The first hooked layer to run becomes a leaf (nothing before it is recorded); a later hooked layer
+            # is already in the graph and must stay there, or the earlier layer would lose its gradient path.
+            act = output if output.requires_grad else output.detach().requires_grad_(True)
+            self._acts[name] = act
+            return act.clone()
 
         return hook
 

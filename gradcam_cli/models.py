@@ -111,7 +111,7 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
     """Load a state dict saved with torch.save; only tensors and plain containers are unpickled."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle errors come in many types; all mean "not loadable"
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GradcamError(
             f"--weights {path}: not a loadable state dict (loaded with weights_only=True): {first[:200]}"
@@ -177,7 +177,7 @@ def _torchvision_model(name: str, weights: str, kwargs: Mapping[str, Any]) -> tu
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(member.url)
     try:
         model = torchvision.models.get_model(name, weights=member, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - urllib, hash and unpickling errors all mean the same to the user
+    except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise GradcamError(
             f"weights {type(member).__name__}.{member.name} are not in the torch hub cache ({cached}) and could not "
@@ -259,7 +259,9 @@ def load_model(settings: Settings) -> LoadedModel:
     elif not labels and _num_outputs(model) == 1000:
         labels = imagenet_labels()
     model.eval()
-    return LoadedModel(model=model, name=name, weights=weights, spec=_input_spec(settings, member, default_enum), labels=labels)
+    return LoadedModel(
+        model=model, name=name, weights=weights, spec=_input_spec(settings, member, default_enum), labels=labels
+    )
 
 
 def label_of(labels: Sequence[str], index: int) -> str:

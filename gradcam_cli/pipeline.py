@@ -146,36 +146,48 @@ def explain(
     layers = _select_layers(loaded, settings, device, log)
     selector = TargetSelector(settings.targets, loaded.labels)
     method = METHODS[settings.method]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if on_start is not None:
-        on_start(len(files))
+    plan = _Plan(list(inputs), out_dir, files, settings, device, loaded, layers, selector)
+    with CamEngine(loaded.model, layers, method) as engine:
+        # one dummy image first: a layer without a spatial output or a class index the model does not have
+        # fails here, before OUT is touched
+        engine.run(torch.zeros(1, 3, *loaded.spec.size, device=device), selector)
+        return _stream(plan, engine, progress, on_start)
 
-    spec = loaded.spec
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
-    lut = torch.from_numpy(colormap_lut(settings.colormap)).to(device)
-    save = set(settings.save)
-    multi_layer = len(layers) > 1
-    multi_target = selector.slots > 1
 
-    manifest: dict[str, Any] = {
+@dataclass
+class _Plan:
+    """Everything decided before the first image is read."""
+
+    inputs: list[str | Path]
+    out: Path
+    files: list[ImageFile]
+    settings: Settings
+    device: torch.device
+    loaded: LoadedModel
+    layers: dict[str, Any]
+    selector: TargetSelector
+
+
+def _manifest(plan: _Plan) -> dict[str, Any]:
+    s = plan.settings
+    return {
         "tool": "gradcam-cli",
         "version": __version__,
         "status": "running",
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "inputs": [str(p) for p in inputs],
-        "model": loaded.name,
-        "weights": loaded.weights,
-        "layers": list(layers),
-        "method": settings.method,
-        "targets": list(settings.targets),
-        "preprocessing": {**asdict(spec)},
-        "device": str(device),
-        "batch_size": settings.batch_size,
-        "workers": settings.workers,
-        "save": list(settings.save),
-        "colormap": settings.colormap,
-        "alpha": settings.alpha,
+        "inputs": [str(p) for p in plan.inputs],
+        "model": plan.loaded.name,
+        "weights": plan.loaded.weights,
+        "layers": list(plan.layers),
+        "method": s.method,
+        "targets": list(s.targets),
+        "preprocessing": asdict(plan.loaded.spec),
+        "device": str(plan.device),
+        "batch_size": s.batch_size,
+        "workers": s.workers,
+        "save": list(s.save),
+        "colormap": s.colormap,
+        "alpha": s.alpha,
         "versions": {
             "gradcam_cli": __version__,
             "torch": torch.__version__,
@@ -183,15 +195,25 @@ def explain(
             "python": platform.python_version(),
         },
     }
-    write_manifest(out_dir / "run.json", manifest)
 
+
+def _stream(
+    plan: _Plan, engine: CamEngine, progress: ProgressFn | None, on_start: Callable[[int], None] | None
+) -> RunSummary:
+    """The hot loop. run.json is written first (status running) and rewritten at the end, also when interrupted."""
+    settings, device, out_dir, files = plan.settings, plan.device, plan.out, plan.files
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(plan)
+    write_manifest(out_dir / "run.json", manifest)
+    if on_start is not None:
+        on_start(len(files))
+    spec = plan.loaded.spec
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
+    lut = torch.from_numpy(colormap_lut(settings.colormap)).to(device)
+    save = set(settings.save)
     loader = make_loader(
-        files,
-        spec,
-        settings.batch_size,
-        settings.workers,
-        keep_original="overlay" in save,
-        pin=device.type == "cuda",
+        files, spec, settings.batch_size, settings.workers, keep_original="overlay" in save, pin=device.type == "cuda"
     )
     stages = {"decode_wait": 0.0, "compute": 0.0, "render": 0.0}
     ok = errors = 0
@@ -199,34 +221,32 @@ def explain(
     writer = OutputWriter(out_dir, out_dir / "predictions.csv", threads=2)
     status = "interrupted"
     try:
-        with CamEngine(loaded.model, layers, method) as engine:
+        t_wait = time.perf_counter()
+        for batch in loader:
+            stages["decode_wait"] += time.perf_counter() - t_wait
+            rows: dict[int, list[dict[str, Any]]] = {}
+            outputs: list[tuple[str, str, Any]] = []
+            for index, message in batch.errors:
+                rows[index] = [_error_row(files[index].rel, message, settings.method)]
+            if batch.inputs is not None:
+                t0 = time.perf_counter()
+                x = batch.inputs.to(device, non_blocking=True).float().sub_(mean).div_(std)
+                result = engine.run(x, plan.selector)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t1 = time.perf_counter()
+                stages["compute"] += t1 - t0
+                _render_batch(plan, batch, result, lut, save, rows, outputs)
+                stages["render"] += time.perf_counter() - t1
+            for index in sorted(rows):
+                if rows[index][0]["status"] == "ok":
+                    ok += 1
+                else:
+                    errors += 1
+            writer.submit_batch(outputs, [row for index in sorted(rows) for row in rows[index]])
+            if progress is not None:
+                progress(len(rows))
             t_wait = time.perf_counter()
-            for batch in loader:
-                stages["decode_wait"] += time.perf_counter() - t_wait
-                rows: dict[int, list[dict[str, Any]]] = {}
-                outputs: list[tuple[str, str, Any]] = []
-                for index, message in batch.errors:
-                    rows[index] = [_error_row(files[index].rel, message, settings.method)]
-                if batch.inputs is not None:
-                    t0 = time.perf_counter()
-                    x = batch.inputs.to(device, non_blocking=True).float().sub_(mean).div_(std)
-                    result = engine.run(x, selector)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    t1 = time.perf_counter()
-                    stages["compute"] += t1 - t0
-                    _render_batch(batch, result, files, layers, settings, lut, save, multi_layer, multi_target,
-                                  loaded.labels, rows, outputs)
-                    stages["render"] += time.perf_counter() - t1
-                for index in sorted(rows):
-                    if rows[index][0]["status"] == "ok":
-                        ok += 1
-                    else:
-                        errors += 1
-                writer.submit_batch(outputs, [row for index in sorted(rows) for row in rows[index]])
-                if progress is not None:
-                    progress(len(rows))
-                t_wait = time.perf_counter()
         status = "complete"
     finally:
         writer.close()
@@ -248,7 +268,7 @@ def explain(
         errors=errors,
         seconds=seconds,
         images_per_second=(ok + errors) / seconds if seconds > 0 else 0.0,
-        layers=list(layers),
+        layers=list(plan.layers),
         stages=stages,
     )
 
@@ -263,20 +283,17 @@ def _torchvision_version() -> str:
 
 
 def _render_batch(
+    plan: _Plan,
     batch: Any,
     result: Any,
-    files: Sequence[ImageFile],
-    layers: dict[str, Any],
-    settings: Settings,
     lut: torch.Tensor,
     save: set[str],
-    multi_layer: bool,
-    multi_target: bool,
-    labels: Sequence[str],
     rows: dict[int, list[dict[str, Any]]],
     outputs: list[tuple[str, str, Any]],
 ) -> None:
     """Turn one batch's CAMs into rows and files; a non-finite result is an error row for that image only."""
+    settings, files, layers, labels = plan.settings, plan.files, plan.layers, plan.loaded.labels
+    multi_layer, multi_target = len(layers) > 1, plan.selector.slots > 1
     probs = result.probs
     pred_prob, pred_index = probs.max(dim=1)
     target_prob = probs.gather(1, result.targets)
@@ -297,7 +314,11 @@ def _render_batch(
             continue
         image_rows = []
         for name in layers:
+            seen: set[int] = set()
             for t, target in enumerate(target_l[i]):
+                if target in seen:  # `pred` and `topk:K` can name the same class: one map, one row
+                    continue
+                seen.add(target)
                 suffix = (f"__{name}" if multi_layer else "") + (f"__{target}" if multi_target else "")
                 cam = result.cams[name][i, t]
                 rendered = render(cam, batch.sizes[i], batch.boxes[i], batch.originals[i], lut, settings.alpha)

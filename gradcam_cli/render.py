@@ -33,9 +33,12 @@ def upsample_normalize(cam: Tensor, size: tuple[int, int], box: tuple[float, flo
         region = (height, width)
     else:
         region = (max(1, int(round(y1 - y0))), max(1, int(round(x1 - x0))))
-    up = F.interpolate(cam[None, None].float(), size=region, mode="bilinear", align_corners=False)[0, 0]
+    src = cam.float()
+    up = F.interpolate(src[None, None], size=region, mode="bilinear", align_corners=False)[0, 0]
     lo, hi = up.min(), up.max()
-    span = hi - lo
+    # "no range" is decided on the source map: bilinear weights do not sum to exactly 1 in float32, so a
+    # constant map comes out with rounding noise that normalisation would stretch to [0, 1]
+    span = torch.where(src.amax() > src.amin(), hi - lo, torch.zeros_like(hi))
     up = torch.where(span > 0, (up - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(up))
     if full:
         return up
