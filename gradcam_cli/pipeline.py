@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,8 @@ from gradcam_cli.errors import GradcamError
 from gradcam_cli.layers import auto_detect_layer, resolve_layer
 from gradcam_cli.methods import METHODS
 from gradcam_cli.models import LoadedModel, label_of, load_model
-from gradcam_cli.render import render
-from gradcam_cli.sinks import OutputWriter, output_name, write_manifest
+from gradcam_cli.render import blend, blend_host, heatmap, palette
+from gradcam_cli.sinks import Encoder, OutputWriter, encode_jpeg, encode_npy, encode_png, output_name, write_manifest
 
 ProgressFn = Callable[[int], None]
 LogFn = Callable[[str], None]
@@ -210,7 +211,7 @@ def _stream(
     spec = plan.loaded.spec
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
-    lut = torch.from_numpy(colormap_lut(settings.colormap)).to(device)
+    lut = _Colours(colormap_lut(settings.colormap), device, settings.alpha)
     save = set(settings.save)
     loader = make_loader(
         files, spec, settings.batch_size, settings.workers, keep_original="overlay" in save, pin=device.type == "cuda"
@@ -225,7 +226,7 @@ def _stream(
         for batch in loader:
             stages["decode_wait"] += time.perf_counter() - t_wait
             rows: dict[int, list[dict[str, Any]]] = {}
-            outputs: list[tuple[str, str, Any]] = []
+            outputs: list[tuple[str, Encoder]] = []
             for index, message in batch.errors:
                 rows[index] = [_error_row(files[index].rel, message, settings.method)]
             if batch.inputs is not None:
@@ -282,14 +283,37 @@ def _torchvision_version() -> str:
         return "not installed"
 
 
+class _Colours:
+    """The colormap in both forms the overlay paths need: a device LUT (GPU) and a Pillow palette (CPU)."""
+
+    def __init__(self, table: Any, device: torch.device, alpha: float) -> None:
+        self.on_host = device.type == "cpu"
+        self.alpha = alpha
+        self.palette = palette(table)
+        self.lut = torch.from_numpy(table).to(device)
+
+    def overlay_encoder(self, original: torch.Tensor, heat_device: torch.Tensor, heat_host: Any) -> Encoder:
+        """On the CPU, colouring + blending + JPEG all run later on a writer thread; on a GPU the blend runs on
+        the device now and only the uint8 overlay comes back."""
+        if self.on_host:
+            return partial(_overlay_jpeg, original.numpy(), heat_host, self.palette, self.alpha)
+        device = heat_device.device
+        mixed = blend(original.to(device, non_blocking=True), heat_device, self.lut, self.alpha)
+        return partial(encode_jpeg, mixed.cpu().numpy())
+
+
+def _overlay_jpeg(original: Any, heat: Any, pal: bytes, alpha: float) -> bytes:
+    return encode_jpeg(blend_host(original, heat, pal, alpha))
+
+
 def _render_batch(
     plan: _Plan,
     batch: Any,
     result: Any,
-    lut: torch.Tensor,
+    lut: _Colours,
     save: set[str],
     rows: dict[int, list[dict[str, Any]]],
-    outputs: list[tuple[str, str, Any]],
+    outputs: list[tuple[str, Encoder]],
 ) -> None:
     """Turn one batch's CAMs into rows and files; a non-finite result is an error row for that image only."""
     settings, files, layers, labels = plan.settings, plan.files, plan.layers, plan.loaded.labels
@@ -321,7 +345,7 @@ def _render_batch(
                 seen.add(target)
                 suffix = (f"__{name}" if multi_layer else "") + (f"__{target}" if multi_target else "")
                 cam = result.cams[name][i, t]
-                rendered = render(cam, batch.sizes[i], batch.boxes[i], batch.originals[i], lut, settings.alpha)
+                rendered = heatmap(cam, batch.sizes[i], batch.boxes[i])
                 row: dict[str, Any] = {
                     "path": rel,
                     "status": "ok",
@@ -340,13 +364,14 @@ def _render_batch(
                     "heatmap": "",
                     "overlay": "",
                 }
+                heat = rendered.pixels.cpu().numpy()
                 if "heatmap" in save:
                     row["heatmap"] = output_name("heatmaps", rel, suffix, "png")
-                    outputs.append((row["heatmap"], "png", rendered.heatmap.numpy()))
-                if "overlay" in save and rendered.overlay is not None:
+                    outputs.append((row["heatmap"], partial(encode_png, heat)))
+                if "overlay" in save and batch.originals[i] is not None:
                     row["overlay"] = output_name("overlays", rel, suffix, "jpg")
-                    outputs.append((row["overlay"], "jpg", rendered.overlay.numpy()))
+                    outputs.append((row["overlay"], lut.overlay_encoder(batch.originals[i], rendered.pixels, heat)))
                 if "npy" in save:
-                    outputs.append((output_name("npy", rel, suffix, "npy"), "npy", cam.detach().cpu().numpy()))
+                    outputs.append((output_name("npy", rel, suffix, "npy"), partial(encode_npy, cam.cpu().numpy())))
                 image_rows.append(row)
         rows[index] = image_rows

@@ -1,57 +1,77 @@
-"""Render: layer-resolution CAM -> full-size heatmap, peak and overlay, as tensor ops on the compute device.
+"""Render: layer-resolution CAM -> full-size heatmap, peak and overlay.
 
-Everything here stays on the device until it is uint8, so the host copy is the smallest it can be.
-Upsampling is bilinear with align_corners=False (pixel centres line up, as in OpenCV's resize); the map
-is then min-max normalised per image, and a map with no range (all zero, or constant) becomes all zeros.
+Upsampling is bilinear with align_corners=False (pixel centres line up, as in OpenCV's resize); the map is then
+min-max normalised per image, and a map with no range (all zero, or constant) becomes all zeros. The heatmap is
+computed on the compute device and leaves it as uint8.
+
+Colouring and blending have two implementations because the fast one differs by device (measured, see
+bench/results.md): on a GPU a 256-entry LUT gather and an integer blend are tensor ops that keep the image on the
+device until it is uint8; on the CPU the same LUT applied as a palette and `Image.blend` in Pillow's C code cost
+about a tenth of the tensor version, and they run on the writer threads, off the hot loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 
 @dataclass
-class Rendered:
-    """One image's outputs, uint8 on the host: heatmap (H, W), overlay (H, W, 3) or None, and the peak."""
+class Heatmap:
+    """One (image, target, layer) map: uint8 (H, W) on the compute device and its peak in original pixels."""
 
-    heatmap: Tensor
-    overlay: Tensor | None
+    pixels: Tensor
     peak_x: int
     peak_y: int
 
 
-def upsample_normalize(cam: Tensor, size: tuple[int, int], box: tuple[float, float, float, float]) -> Tensor:
-    """(h, w) CAM -> (H, W) float map in [0, 1] covering `box` of the original image, zeros outside it."""
+def _region(size: tuple[int, int], box: tuple[float, float, float, float]) -> tuple[bool, tuple[int, int]]:
     height, width = size
     x0, y0, x1, y1 = box
     full = x0 <= 0 and y0 <= 0 and x1 >= width and y1 >= height
     if full:
-        region = (height, width)
-    else:
-        region = (max(1, int(round(y1 - y0))), max(1, int(round(x1 - x0))))
-    src = cam.float()
-    up = F.interpolate(src[None, None], size=region, mode="bilinear", align_corners=False)[0, 0]
-    lo, hi = up.min(), up.max()
-    # "no range" is decided on the source map: bilinear weights do not sum to exactly 1 in float32, so a
-    # constant map comes out with rounding noise that normalisation would stretch to [0, 1]
-    span = torch.where(src.amax() > src.amin(), hi - lo, torch.zeros_like(hi))
-    up = torch.where(span > 0, (up - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(up))
-    if full:
-        return up
+        return True, (height, width)
+    return False, (max(1, int(round(y1 - y0))), max(1, int(round(x1 - x0))))
+
+
+def _paste(up: Tensor, size: tuple[int, int], box: tuple[float, float, float, float]) -> Tensor:
+    """Put the crop-region map where the crop lies in the original; zeros elsewhere (crop may overhang by rounding)."""
+    height, width = size
     canvas = torch.zeros(height, width, dtype=up.dtype, device=up.device)
-    # paste the crop region where it lies in the original; the crop may extend past the border by rounding
-    top, left = int(round(y0)), int(round(x0))
+    top, left = int(round(box[1])), int(round(box[0]))
     src_y0, src_x0 = max(0, -top), max(0, -left)
     dst_y0, dst_x0 = max(0, top), max(0, left)
-    rows = min(region[0] - src_y0, height - dst_y0)
-    cols = min(region[1] - src_x0, width - dst_x0)
+    rows = min(up.shape[0] - src_y0, height - dst_y0)
+    cols = min(up.shape[1] - src_x0, width - dst_x0)
     if rows > 0 and cols > 0:
         canvas[dst_y0 : dst_y0 + rows, dst_x0 : dst_x0 + cols] = up[src_y0 : src_y0 + rows, src_x0 : src_x0 + cols]
     return canvas
+
+
+def _upsample(cam: Tensor, region: tuple[int, int]) -> tuple[Tensor, bool]:
+    src = cam.float()
+    up = F.interpolate(src[None, None], size=region, mode="bilinear", align_corners=False)[0, 0]
+    # "no range" is decided on the source map: bilinear weights do not sum to exactly 1 in float32, so a constant
+    # map comes out with rounding noise that normalisation would stretch to [0, 1]
+    has_range = bool(src.amax() > src.amin())
+    return up, has_range
+
+
+def upsample_normalize(cam: Tensor, size: tuple[int, int], box: tuple[float, float, float, float]) -> Tensor:
+    """(h, w) CAM -> (H, W) float map in [0, 1] covering `box` of the original image, zeros outside it."""
+    full, region = _region(size, box)
+    up, has_range = _upsample(cam, region)
+    lo, hi = torch.aminmax(up)
+    if has_range and bool(hi > lo):
+        up = up.sub_(lo).div_(hi - lo)
+    else:
+        up = torch.zeros_like(up)
+    return up if full else _paste(up, size, box)
 
 
 def to_uint8(norm: Tensor) -> Tensor:
@@ -59,26 +79,49 @@ def to_uint8(norm: Tensor) -> Tensor:
     return (norm * 255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def blend(original: Tensor, heatmap: Tensor, lut: Tensor, alpha: float) -> Tensor:
-    """Colour the heatmap through the (256, 3) LUT and mix: (1 - alpha) * image + alpha * colour, uint8."""
-    colour = lut[heatmap.long()]
-    mixed = original.float().mul_(1.0 - alpha).add_(colour.float().mul_(alpha))
-    return mixed.round_().clamp_(0, 255).to(torch.uint8)
+def heatmap(cam: Tensor, size: tuple[int, int], box: tuple[float, float, float, float]) -> Heatmap:
+    """The saved heatmap, round(255 * min-max normalised upsampled CAM), in as few full-size passes as possible.
+
+    Full-size passes dominate on the CPU, so: one interpolate, one aminmax, one fused multiply-add to the
+    rounded value, one cast. floor(v + 0.5) is used for rounding (it differs from round-half-even only on
+    exact .5 ties). The peak is the argmax of the float map, before rounding merges near-equal pixels.
+    """
+    full, region = _region(size, box)
+    up, has_range = _upsample(cam, region)
+    lo, hi = torch.aminmax(up)
+    if has_range and bool(hi > lo):
+        scale = 255.0 / (hi - lo)
+        pixels = torch.addcmul(0.5 - lo * scale, up, scale).to(torch.uint8)
+        flat = int(torch.argmax(up).item())
+    else:
+        pixels = torch.zeros(region, dtype=torch.uint8, device=up.device)
+        flat = 0
+    peak_y, peak_x = divmod(flat, region[1])
+    if not full:
+        pixels = _paste(pixels, size, box)
+        peak_y = min(max(peak_y + int(round(box[1])), 0), size[0] - 1)
+        peak_x = min(max(peak_x + int(round(box[0])), 0), size[1] - 1)
+    return Heatmap(pixels=pixels, peak_x=peak_x, peak_y=peak_y)
 
 
-def render(
-    cam: Tensor,
-    size: tuple[int, int],
-    box: tuple[float, float, float, float],
-    original: Tensor | None,
-    lut: Tensor,
-    alpha: float,
-) -> Rendered:
-    """All outputs for one (image, target, layer): heatmap, optional overlay, and the peak position."""
-    norm = upsample_normalize(cam, size, box)
-    heat = to_uint8(norm)
-    flat = int(torch.argmax(norm).item())
-    overlay = None
-    if original is not None:
-        overlay = blend(original.to(norm.device, non_blocking=True), heat, lut, alpha).cpu()
-    return Rendered(heatmap=heat.cpu(), overlay=overlay, peak_x=flat % size[1], peak_y=flat // size[1])
+def blend(original: Tensor, heat: Tensor, lut: Tensor, alpha: float) -> Tensor:
+    """Device path: colour the heatmap through the (256, 3) LUT and mix (1 - alpha) * image + alpha * colour.
+
+    Integer arithmetic in 1/128 steps of alpha (exact for 0, 0.5 and 1): int16 holds 255 * 128 without overflow.
+    """
+    w = int(round(alpha * 128))
+    colour = lut.to(torch.int16)[heat.long()] * w
+    mixed = original.to(torch.int16) * (128 - w) + colour + 64
+    return (mixed >> 7).to(torch.uint8)
+
+
+def palette(lut: np.ndarray) -> bytes:
+    """A (256, 3) uint8 LUT as a Pillow palette."""
+    return np.ascontiguousarray(lut, dtype=np.uint8).tobytes()
+
+
+def blend_host(original: np.ndarray, heat: np.ndarray, pal: bytes, alpha: float) -> Image.Image:
+    """Host path: the same overlay with Pillow (palette lookup + Image.blend), for CPU runs and writer threads."""
+    colour = Image.fromarray(heat).convert("P")
+    colour.putpalette(pal)
+    return Image.blend(Image.fromarray(original), colour.convert("RGB"), alpha)

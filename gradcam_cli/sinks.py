@@ -14,6 +14,7 @@ import io
 import json
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,15 +59,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def encode_png(array: np.ndarray) -> bytes:
+def encode_png(image: np.ndarray | Image.Image) -> bytes:
+    """PNG at a low compression level: level 1 is ~3x faster than the default and ~1.8x larger (measured)."""
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(
+        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+    )
     return buf.getvalue()
 
 
-def encode_jpeg(array: np.ndarray) -> bytes:
+def encode_jpeg(image: np.ndarray | Image.Image) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue()
 
 
@@ -76,17 +80,19 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-ENCODERS: dict[str, Callable[[np.ndarray], bytes]] = {"png": encode_png, "jpg": encode_jpeg, "npy": encode_npy}
+Encoder = Callable[[], bytes]
 
 
 class OutputWriter:
     """Encodes and writes files on a thread pool; appends each batch's CSV rows once its files exist.
 
-    `submit_batch(files, rows)` returns at once unless more than `max_pending` batches are still being
-    written, in which case it waits for the oldest: that bound is what keeps memory flat.
+    A file is (path relative to OUT, a callable returning its bytes): whatever is left to do per file
+    (colouring on the CPU, encoding) runs on the pool. `submit_batch(files, rows)` returns at once unless more
+    than `max_pending` batches are still being written, in which case it waits for the oldest: that bound is
+    what keeps memory flat.
     """
 
-    def __init__(self, out: Path, csv_path: Path, threads: int = 2, max_pending: int = 3) -> None:
+    def __init__(self, out: Path, csv_path: Path, threads: int = 2, max_pending: int = 2) -> None:
         self.out = out
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="gradcam-write")
         self.max_pending = max_pending
@@ -98,17 +104,14 @@ class OutputWriter:
         self.write_seconds = 0.0
         self._lock = threading.Lock()
 
-    def _write(self, rel: str, kind: str, array: np.ndarray) -> None:
-        import time
-
+    def _write(self, rel: str, encode: Encoder) -> None:
         t0 = time.perf_counter()
-        atomic_write(self.out / rel, ENCODERS[kind](array))
+        atomic_write(self.out / rel, encode())
         with self._lock:
             self.write_seconds += time.perf_counter() - t0
 
-    def submit_batch(self, files: Iterable[tuple[str, str, np.ndarray]], rows: Sequence[Mapping[str, Any]]) -> None:
-        """files: (path relative to OUT, encoder kind png|jpg|npy, array)."""
-        futures = [self.pool.submit(self._write, rel, kind, arr) for rel, kind, arr in files]
+    def submit_batch(self, files: Iterable[tuple[str, Encoder]], rows: Sequence[Mapping[str, Any]]) -> None:
+        futures = [self.pool.submit(self._write, rel, encode) for rel, encode in files]
         self.pending.append((futures, list(rows)))
         self._commit(block=len(self.pending) > self.max_pending)
 
