@@ -16,7 +16,7 @@ import click
 
 from gradcam_cli import __version__
 from gradcam_cli.colormaps import COLORMAP_NAMES
-from gradcam_cli.config import METHOD_NAMES, PREPROCESS_MODES, load_settings
+from gradcam_cli.config import AMP_MODES, METHOD_NAMES, PREPROCESS_MODES, load_settings
 from gradcam_cli.errors import GradcamError
 
 EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 4
@@ -106,6 +106,12 @@ def main() -> None:
     help="full: resize the whole image; crop: the weights' resize + center crop. [default: full]",
 )
 @click.option("--limit", type=int, help="Explain only the first N images (sorted order).")
+@click.option(
+    "--amp", type=click.Choice(AMP_MODES), help="Autocast the forward pass (CAM maths stays float32). [default: none]"
+)
+@click.option(
+    "--channels-last/--no-channels-last", default=None, help="channels_last memory format (faster on recent GPUs)."
+)
 @click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar or messages.")
 @_guarded
 def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any) -> None:

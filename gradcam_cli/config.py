@@ -20,6 +20,7 @@ from gradcam_cli.errors import GradcamError
 METHOD_NAMES: tuple[str, ...] = ("gradcam",)
 SAVE_KINDS: tuple[str, ...] = ("heatmap", "overlay", "npy")
 PREPROCESS_MODES: tuple[str, ...] = ("full", "crop")
+AMP_MODES: tuple[str, ...] = ("none", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 TARGET_PATTERN = re.compile(r"^(pred|topk:[1-9]\d*)$")
 
@@ -47,6 +48,8 @@ class Settings:
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     limit: int | None = None
     quiet: bool = False
+    amp: str = "none"
+    channels_last: bool = False
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` validated as if they were flags (so the API gets the same checks as the CLI)."""
@@ -220,6 +223,8 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "model_kwargs": _v_kwargs,
     "limit": _v_optional_positive_int,
     "quiet": _v_bool,
+    "amp": _v_choice(AMP_MODES),
+    "channels_last": _v_bool,
 }
 assert set(VALIDATORS) == {f.name for f in dataclasses.fields(Settings)}
 

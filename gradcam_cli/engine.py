@@ -28,6 +28,18 @@ class CamResult:
     targets: Tensor
     cams: dict[str, Tensor]
 
+    @staticmethod
+    def cat(parts: Sequence[CamResult]) -> CamResult:
+        """Join the results of consecutive sub-batches (used when a batch was split after running out of memory)."""
+        if len(parts) == 1:
+            return parts[0]
+        return CamResult(
+            logits=torch.cat([p.logits for p in parts]),
+            probs=torch.cat([p.probs for p in parts]),
+            targets=torch.cat([p.targets for p in parts]),
+            cams={name: torch.cat([p.cams[name] for p in parts]) for name in parts[0].cams},
+        )
+
 
 def _logits_of(output: object) -> Tensor:
     """Models return a tensor, a tuple (aux heads) or an object with `.logits`; we want the main logits."""
@@ -120,6 +132,13 @@ class CamEngine:
             for t in range(n_slots):
                 score = logits.gather(1, targets[:, t : t + 1]).sum()
                 per_slot.append(torch.autograd.grad(score, acts, retain_graph=t < n_slots - 1, allow_unused=True))
+        with torch.autocast(device_type=x.device.type, enabled=False):  # CAM maths in float32 even under --amp
+            cams = self._cams(names, acts, per_slot)
+        self._acts.clear()
+        logits = logits.detach().float()
+        return CamResult(logits=logits, probs=logits.softmax(dim=1), targets=targets, cams=cams)
+
+    def _cams(self, names: list[str], acts: list[Tensor], per_slot: list[Sequence[Tensor | None]]) -> dict[str, Tensor]:
         cams: dict[str, Tensor] = {}
         for li, name in enumerate(names):
             a = acts[li].detach().float()
@@ -130,6 +149,4 @@ class CamEngine:
                     raise GradcamError(f"the output does not depend on layer '{name}'")
                 maps.append(self.method(a, g.float()))
             cams[name] = torch.stack(maps, dim=1)
-        self._acts.clear()
-        logits = logits.detach().float()
-        return CamResult(logits=logits, probs=logits.softmax(dim=1), targets=targets, cams=cams)
+        return cams

@@ -24,7 +24,7 @@ from gradcam_cli import __version__
 from gradcam_cli.colormaps import lut as colormap_lut
 from gradcam_cli.config import Settings
 from gradcam_cli.data import ImageFile, discover, make_loader
-from gradcam_cli.engine import CamEngine
+from gradcam_cli.engine import CamEngine, CamResult
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.layers import auto_detect_layer, resolve_layer
 from gradcam_cli.methods import METHODS
@@ -144,6 +144,8 @@ def explain(
     device = resolve_device(settings.device)
     loaded = load_model(settings)
     loaded.model.to(device)
+    if settings.channels_last:
+        loaded.model.to(memory_format=torch.channels_last)
     layers = _select_layers(loaded, settings, device, log)
     selector = TargetSelector(settings.targets, loaded.labels)
     method = METHODS[settings.method]
@@ -189,6 +191,8 @@ def _manifest(plan: _Plan) -> dict[str, Any]:
         "save": list(s.save),
         "colormap": s.colormap,
         "alpha": s.alpha,
+        "amp": s.amp,
+        "channels_last": s.channels_last,
         "versions": {
             "gradcam_cli": __version__,
             "torch": torch.__version__,
@@ -232,7 +236,9 @@ def _stream(
             if batch.inputs is not None:
                 t0 = time.perf_counter()
                 x = batch.inputs.to(device, non_blocking=True).float().sub_(mean).div_(std)
-                result = engine.run(x, plan.selector)
+                if settings.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                result = run_splitting_on_oom(engine, x, plan.selector, settings.amp)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t1 = time.perf_counter()
@@ -260,6 +266,7 @@ def _stream(
             wall_seconds=round(seconds, 3),
             images_per_second=round((ok + errors) / seconds, 3) if seconds > 0 else None,
             stage_seconds={k: round(v, 3) for k, v in stages.items()},
+            stage_images_per_second={k: round((ok + errors) / v, 2) for k, v in stages.items() if v > 0},
         )
         write_manifest(out_dir / "run.json", manifest)
     return RunSummary(
@@ -281,6 +288,33 @@ def _torchvision_version() -> str:
         return str(torchvision.__version__)
     except ImportError:
         return "not installed"
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def run_splitting_on_oom(engine: CamEngine, x: torch.Tensor, selector: TargetSelector, amp: str = "none") -> Any:
+    """engine.run, halving the batch and retrying when the device runs out of memory; no image is dropped.
+
+    With `amp` the forward (and the head's backward) run under autocast; the CAM maths is float32 in the engine.
+    """
+    try:
+        if amp == "none":
+            return engine.run(x, selector)
+        with torch.autocast(device_type=x.device.type, dtype=AMP_DTYPES[amp]):
+            return engine.run(x, selector)
+    except torch.cuda.OutOfMemoryError:
+        if x.shape[0] == 1:
+            raise
+        if x.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = x.shape[0] // 2
+        return CamResult.cat(
+            [
+                run_splitting_on_oom(engine, x[:half], selector, amp),
+                run_splitting_on_oom(engine, x[half:], selector, amp),
+            ]
+        )
 
 
 class _Colours:

@@ -1,0 +1,84 @@
+"""The GPU-oriented options, exercised on the CPU: autocast, channels_last, and out-of-memory batch splitting."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+
+from gradcam_cli.engine import CamEngine
+from gradcam_cli.methods import METHODS
+from gradcam_cli.pipeline import TargetSelector, run_splitting_on_oom
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+def _inputs() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(6, 3, 96, 96)
+
+
+def test_oom_halves_the_batch_and_keeps_every_image(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    model, x = _model(), _inputs()
+    selector = TargetSelector(["topk:2"], [])
+    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+        whole = engine.run(x, selector)
+        real_run = engine.run
+        sizes: list[int] = []
+
+        def tight_memory(batch: torch.Tensor, select: object) -> object:
+            sizes.append(batch.shape[0])
+            if batch.shape[0] > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real_run(batch, select)
+
+        monkeypatch.setattr(engine, "run", tight_memory)
+        split = run_splitting_on_oom(engine, x, selector)
+    assert sizes == [6, 3, 1, 2, 3, 1, 2]  # 6 -> 3 + 3 -> (1 + 2) + (1 + 2)
+    assert split.cams["layer4"].shape == whole.cams["layer4"].shape == (6, 2, 3, 3)
+    torch.testing.assert_close(split.cams["layer4"], whole.cams["layer4"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(split.targets, whole.targets)
+
+
+def test_oom_on_a_single_image_is_raised(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    model = _model()
+    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+
+        def no_memory(batch: torch.Tensor, select: object) -> object:
+            raise torch.cuda.OutOfMemoryError("simulated")
+
+        monkeypatch.setattr(engine, "run", no_memory)
+        try:
+            run_splitting_on_oom(engine, _inputs()[:1], TargetSelector(["pred"], []))
+        except torch.cuda.OutOfMemoryError:
+            pass
+        else:
+            raise AssertionError("a single image that does not fit must raise, not vanish")
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min())
+
+
+def test_bf16_autocast_gives_float32_maps_close_to_full_precision() -> None:
+    model, x = _model(), _inputs()
+    selector = TargetSelector(["3"], [])
+    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+        full = engine.run(x, selector)
+        half = run_splitting_on_oom(engine, x, selector, amp="bf16")
+    cams = half.cams["layer4"]
+    assert cams.dtype == torch.float32 and torch.isfinite(cams).all()
+    assert _cosine(cams, full.cams["layer4"]) > 0.9
+
+
+def test_channels_last_gives_the_same_maps() -> None:
+    model, x = _model(), _inputs()
+    selector = TargetSelector(["pred"], [])
+    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+        plain = engine.run(x, selector)
+    model.to(memory_format=torch.channels_last)
+    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+        cl = engine.run(x.contiguous(memory_format=torch.channels_last), selector)
+    torch.testing.assert_close(cl.cams["layer4"], plain.cams["layer4"], rtol=1e-4, atol=1e-5)
