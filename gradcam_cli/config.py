@@ -50,6 +50,7 @@ class Settings:
     quiet: bool = False
     amp: str = "none"
     channels_last: bool = False
+    seed: int = 0
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` validated as if they were flags (so the API gets the same checks as the CLI)."""
@@ -225,6 +226,7 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "quiet": _v_bool,
     "amp": _v_choice(AMP_MODES),
     "channels_last": _v_bool,
+    "seed": _v_nonneg_int,
 }
 assert set(VALIDATORS) == {f.name for f in dataclasses.fields(Settings)}
 

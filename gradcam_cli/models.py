@@ -227,6 +227,8 @@ def load_model(settings: Settings) -> LoadedModel:
     if not name:
         raise GradcamError("no model given: pass --model NAME (a torchvision model or package.module:callable)")
     default_enum = None
+    # random init (`--weights none`, layers a checkpoint does not cover) is the same in every run
+    torch.manual_seed(settings.seed)
     if ":" in name:
         factory = _import_factory(name)
         try:

@@ -103,3 +103,10 @@ def test_labels_file_from_the_config_names_the_classes(photo: Path, tmp_path: Pa
     explain([photo], tmp_path / "out", load_settings(config, **FAST))
     row = _rows(tmp_path / "out")[0]
     assert row["pred_label"] == f"class-{row['pred_index']}"
+
+
+def test_random_init_is_seeded_so_runs_agree() -> None:
+    first = load_model(load_settings(model="resnet18", weights="none")).model.state_dict()["fc.weight"]
+    second = load_model(load_settings(model="resnet18", weights="none")).model.state_dict()["fc.weight"]
+    other = load_model(load_settings(model="resnet18", weights="none", seed=1)).model.state_dict()["fc.weight"]
+    assert torch.equal(first, second) and not torch.equal(first, other)
