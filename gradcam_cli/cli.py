@@ -112,6 +112,17 @@ def main() -> None:
 @click.option(
     "--channels-last/--no-channels-last", default=None, help="channels_last memory format (faster on recent GPUs)."
 )
+@click.option(
+    "--max-pixels",
+    type=int,
+    help="Refuse (error row, nothing decoded) images with more pixels than this. [default: 89478485, Pillow's]",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=None,
+    help="Skip images an earlier run into OUT already explained (ok rows whose files exist). [default: start fresh]",
+)
 @click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar or messages.")
 @_guarded
 def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any) -> None:
@@ -151,8 +162,9 @@ def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any)
     finally:
         if bar is not None:
             bar.close()
+    done = f" ({summary.skipped} already done)" if summary.skipped else ""
     log(
-        f"{summary.ok} ok, {summary.errors} failed of {summary.total} images in {summary.seconds:.1f} s "
+        f"{summary.ok} ok{done}, {summary.errors} failed of {summary.total} images in {summary.seconds:.1f} s "
         f"({summary.images_per_second:.1f} img/s) -> {summary.out}"
     )
     sys.exit(summary.exit_code)

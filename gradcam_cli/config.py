@@ -8,6 +8,7 @@ was expected. No torch import here: config errors must answer instantly.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ PREPROCESS_MODES: tuple[str, ...] = ("full", "crop")
 AMP_MODES: tuple[str, ...] = ("none", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 TARGET_PATTERN = re.compile(r"^(pred|topk:[1-9]\d*)$")
+# Pillow's own default for Image.MAX_IMAGE_PIXELS (it only warns there and refuses at twice that); we refuse at it
+DEFAULT_MAX_PIXELS = 89_478_485
+MAX_INPUT_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class Settings:
     amp: str = "none"
     channels_last: bool = False
     seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    resume: bool = False
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` validated as if they were flags (so the API gets the same checks as the CLI)."""
@@ -95,7 +101,8 @@ def _str_list(value: Any) -> list[str] | None:
 def _v_optional_str(key: str, value: Any, source: str) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not value.strip():
+    # names and paths: a NUL byte can name no file and would surface later as a ValueError deep in os/torch
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
         raise _fail(key, source, "a non-empty string", value)
     return value.strip()
 
@@ -167,27 +174,31 @@ def _v_alpha(key: str, value: Any, source: str) -> float:
 def _v_input_size(key: str, value: Any, source: str) -> tuple[int, int] | None:
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 8:
+
+    def side(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= MAX_INPUT_SIDE
+
+    if side(value):
         return (value, value)
-    if (
-        isinstance(value, (list, tuple))
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in value)
-    ):
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(side(v) for v in value):
         return (int(value[0]), int(value[1]))
-    raise _fail(key, source, "an integer >= 8 or [height, width]", value)
+    raise _fail(key, source, f"an integer from 8 to {MAX_INPUT_SIDE} or [height, width]", value)
 
 
 def _v_triple(key: str, value: Any, source: str) -> tuple[float, float, float] | None:
     if value is None:
         return None
+    # a std of 0 (or NaN/inf anywhere) would turn every input into NaN and every image into an error row
+    positive = key == "std"
     if (
         isinstance(value, (list, tuple))
         and len(value) == 3
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        and (not positive or all(v > 0 for v in value))
     ):
         return (float(value[0]), float(value[1]), float(value[2]))
-    raise _fail(key, source, "a list of three numbers (one per RGB channel, images scaled to [0, 1])", value)
+    what = "positive numbers" if positive else "finite numbers"
+    raise _fail(key, source, f"a list of three {what} (one per RGB channel, images scaled to [0, 1])", value)
 
 
 def _v_kwargs(key: str, value: Any, source: str) -> Mapping[str, Any]:
@@ -227,6 +238,8 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "amp": _v_choice(AMP_MODES),
     "channels_last": _v_bool,
     "seed": _v_nonneg_int,
+    "max_pixels": _v_positive_int,
+    "resume": _v_bool,
 }
 assert set(VALIDATORS) == {f.name for f in dataclasses.fields(Settings)}
 
@@ -265,6 +278,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise GradcamError(f"config {p}{where}: {problem}") from None
+    except Exception as exc:  # the safe loader still raises ValueError (bad dates), RecursionError (deep nesting)...
+        raise GradcamError(f"config {p}: invalid YAML value ({type(exc).__name__}: {exc})") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):

@@ -3,37 +3,59 @@
 Workers return uint8 tensors (4x smaller than float to pass between processes); the float conversion and
 normalisation happen on the compute device in the engine's caller. A file that fails to decode becomes an
 error record, never an exception: one bad image must not stop a run.
+
+Decoding trusts nothing about a file: it must be a regular file (a FIFO would block forever, /dev/zero never
+ends), its declared size is checked against `max_pixels` before a single pixel is decoded (decompression
+bombs), and a file that ends early is an error, never an image with invented pixels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
+import struct
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ImageFile as PILImageFile
 
+from gradcam_cli.config import DEFAULT_MAX_PIXELS
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.models import InputSpec
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+# .gif is included: animated GIFs are common in scraped datasets and are explained by their first frame
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
 
 @dataclass(frozen=True)
 class ImageFile:
-    """An input image: where to read it and the relative path that names its outputs and CSV row."""
+    """An input image: where to read it and the relative path that names its outputs and CSV row.
+
+    `error` is set for an entry that is known to be unreadable before any decoding (a folder that cannot be
+    listed): it still gets its row, so nothing under INPUT is skipped silently.
+    """
 
     path: Path
     rel: str
+    error: str | None = None
 
 
-def _walk(root: Path, skip: set[Path]) -> Iterator[Path]:
+def _walk(root: Path, skip: set[Path], unlistable: list[tuple[Path, str]]) -> Iterator[Path]:
     """Every image file under root, following directory symlinks but never the same directory twice."""
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def failed(exc: OSError) -> None:
+        where = Path(exc.filename) if exc.filename else root
+        unlistable.append((where, f"cannot list folder: {exc.strerror or exc}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=failed):
         here = Path(dirpath)
         try:
             st = here.stat()
@@ -56,8 +78,10 @@ def discover(
     """Files and folders -> sorted image files with relative paths; folders in `exclude` (OUT) are skipped.
 
     Paths are relative to the INPUT root they were found under (a file given directly is named by its file
-    name). When two roots yield the same relative path, the later one is prefixed with its root's name so
-    their outputs never overwrite each other.
+    name). When two roots yield the same relative path, the later one is prefixed with its root's name (a
+    file's parent folder name) so their outputs never overwrite each other. A sub-folder that cannot be
+    listed becomes an entry with `error` set (`rel` ends with '/'); an INPUT that cannot be listed at all is
+    a usage error.
     """
     skip = {Path(p).resolve() for p in exclude}
     found: list[ImageFile] = []
@@ -66,13 +90,21 @@ def discover(
         root = Path(raw)
         if not root.exists():
             raise GradcamError(f"input not found: {root}")
+        items: list[tuple[Path, str, str | None]]
         if root.is_dir():
-            items = [(p, p.relative_to(root).as_posix()) for p in _walk(root, skip)]
+            unlistable: list[tuple[Path, str]] = []
+            items = [(p, p.relative_to(root).as_posix(), None) for p in _walk(root, skip, unlistable)]
+            for folder, message in unlistable:
+                if folder == root:
+                    raise GradcamError(f"input {root}: {message}")
+                items.append((folder, folder.relative_to(root).as_posix() + "/", message))
             items.sort(key=lambda item: item[1])
+            prefix = root.resolve().name
         else:
-            items = [(root, root.name)]
-        prefix = root.resolve().name or f"input{root_index}"
-        for path, rel in items:
+            items = [(root, root.name, None)]
+            prefix = root.resolve().parent.name
+        prefix = prefix or f"input{root_index}"
+        for path, rel, error in items:
             name = rel
             if name in taken:
                 name = f"{prefix}/{rel}"
@@ -80,24 +112,127 @@ def discover(
                 while name in taken:
                     name, n = f"{prefix}-{n}/{rel}", n + 1
             taken.add(name)
-            found.append(ImageFile(path=path, rel=name))
+            found.append(ImageFile(path=path, rel=name, error=error))
     return found
 
 
-def decode_rgb(path: Path) -> Image.Image:
-    """Open an image as viewers show it: EXIF orientation applied, first frame, RGB, 16-bit scaled to 8-bit."""
-    with Image.open(path) as im:
-        im.seek(0)
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            arr = np.asarray(im, dtype=np.uint32)
-            im = Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), mode="L")
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im)
-        return im.convert("RGB")
+class BadImage(Exception):
+    """A file that is not a usable image; the message is the whole reason, shown as is in the CSV."""
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+@contextlib.contextmanager
+def _strict_pillow() -> Iterator[None]:
+    """Pillow's process-wide switches as we need them, restored afterwards (the API may share the process).
+
+    LOAD_TRUNCATED_IMAGES off: another library may have turned it on, and then Pillow fills missing pixels
+    with grey. MAX_IMAGE_PIXELS off: we check `max_pixels` ourselves, before decoding, with our own message,
+    and Pillow's limit would otherwise cap a larger `--max-pixels`. Warnings (corrupt EXIF, bomb warnings)
+    are silenced: a per-image problem is reported in its row, not printed by a worker.
+    """
+    saved = PILImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    PILImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = False, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        PILImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
+
+
+_PNG_IEND = b"IEND\xaeB`\x82"  # the IEND chunk type and its (constant) CRC
+
+
+def _check_complete(fh: IO[bytes], fmt: str | None, size: int) -> None:
+    """Formats whose decoder stops before the end marker: a file cut after its pixel data is still truncated.
+
+    Pillow reports every cut inside the pixel data; these catch a PNG without its IEND chunk (an APNG cut in
+    a later frame, too) and a GIF without its trailer (an animation cut after the first frame).
+    """
+    if fmt not in ("PNG", "GIF"):
+        return
+    fh.seek(max(0, size - 65536))
+    tail = fh.read()
+    if fmt == "PNG" and _PNG_IEND not in tail:
+        raise BadImage("truncated image: the PNG ends before its IEND chunk")
+    if fmt == "GIF" and not tail.rstrip(b"\x00").endswith(b";"):
+        raise BadImage("truncated image: the GIF ends before its trailer byte")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode -> 8-bit RGB as a viewer shows it: 16-bit scaled down, transparency composited on white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.int64)
+        im = Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), mode="L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")
+
+
+def decode_rgb(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image as viewers show it: EXIF orientation applied, first frame, RGB, 16-bit scaled to 8-bit.
+
+    Raises BadImage (or OSError) with a one-line reason for anything that is not a complete, decodable
+    image no larger than `max_pixels`.
+    """
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    with open(os.open(path, flags), "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a file")
+            raise BadImage(f"not a regular file ({kind})")
+        if st.st_size == 0:
+            raise BadImage("empty file (0 bytes)")
+        with _strict_pillow():
+            try:
+                im = Image.open(fh)
+            except UnidentifiedImageError:
+                fh.seek(0)
+                raise BadImage(f"not an image Pillow can read (file starts with {fh.read(16)!r})") from None
+            except OSError as exc:
+                raise _explain_failure(exc, fh, st.st_size) from None
+            with im:
+                width, height = im.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise BadImage(
+                        f"image is {width}x{height} = {width * height:,} pixels, above --max-pixels "
+                        f"{max_pixels:,}; refused without decoding (decompression bomb?)"
+                    )
+                try:
+                    im.load()
+                except OSError as exc:
+                    raise _explain_failure(exc, fh, st.st_size) from None
+                _check_complete(fh, im.format, st.st_size)
+                try:
+                    oriented = ImageOps.exif_transpose(im)
+                except Exception:
+                    oriented = im  # unreadable EXIF: show the pixels as stored, as viewers do
+                return _to_rgb(oriented)
+
+
+def _explain_failure(exc: OSError, fh: IO[bytes], size: int) -> Exception:
+    """Say "truncated" when that is what happened: Pillow's words for it vary by format and stage."""
+    text = " ".join(str(exc).split())
+    if "truncated" in text.lower():
+        return BadImage(f"truncated image: {text}")
+    fh.seek(0)
+    head = fh.read(12)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and struct.unpack("<I", head[4:8])[0] + 8 > size:
+        return BadImage(
+            f"truncated image: the WebP file is {size} bytes, its header says {struct.unpack('<I', head[4:8])[0] + 8}"
+        )
+    return exc
 
 
 def model_input(img: Image.Image, spec: InputSpec) -> tuple[np.ndarray, tuple[float, float, float, float]]:
@@ -132,23 +267,30 @@ class Sample:
 def one_line(exc: BaseException) -> str:
     """An exception as a single short line for the CSV `error` column."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, BadImage):
+        return text[:300]
     return f"{type(exc).__name__}: {text}"[:300]
 
 
 class ImageDataset(torch.utils.data.Dataset[Sample]):
     """Decodes file i into a `Sample`; runs inside DataLoader workers."""
 
-    def __init__(self, files: Sequence[ImageFile], spec: InputSpec, keep_original: bool) -> None:
+    def __init__(
+        self, files: Sequence[ImageFile], spec: InputSpec, keep_original: bool, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.files = list(files)
         self.spec = spec
         self.keep_original = keep_original
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> Sample:
+        if self.files[index].error is not None:
+            return Sample(index, self.files[index].error)
         try:
-            img = decode_rgb(self.files[index].path)
+            img = decode_rgb(self.files[index].path, self.max_pixels)
             arr, box = model_input(img, self.spec)
             original = torch.from_numpy(np.array(img)) if self.keep_original else None
             return Sample(index, None, torch.from_numpy(arr), original, (img.height, img.width), box)
@@ -191,11 +333,17 @@ def collate(samples: list[Sample]) -> Batch:
 
 
 def make_loader(
-    files: Sequence[ImageFile], spec: InputSpec, batch_size: int, workers: int, keep_original: bool, pin: bool
+    files: Sequence[ImageFile],
+    spec: InputSpec,
+    batch_size: int,
+    workers: int,
+    keep_original: bool,
+    pin: bool,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> torch.utils.data.DataLoader[Sample]:
     """Ordered, bounded streaming: at most workers*2 batches are decoded ahead of the model."""
     return torch.utils.data.DataLoader(
-        ImageDataset(files, spec, keep_original),
+        ImageDataset(files, spec, keep_original, max_pixels),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

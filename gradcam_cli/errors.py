@@ -9,4 +9,11 @@ from __future__ import annotations
 
 
 class GradcamError(Exception):
-    """A problem the caller can fix; its message is a complete one-line explanation."""
+    """A problem the caller can fix; its message is a complete one-line explanation.
+
+    Messages often quote other libraries' exceptions (torch's span several lines), so whitespace is folded
+    here, once: whatever the source, the CLI prints exactly one line.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(" ".join(str(message).split()))

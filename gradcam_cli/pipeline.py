@@ -30,7 +30,19 @@ from gradcam_cli.layers import auto_detect_layer, resolve_layer
 from gradcam_cli.methods import METHODS
 from gradcam_cli.models import LoadedModel, label_of, load_model
 from gradcam_cli.render import blend, blend_host, heatmap, palette
-from gradcam_cli.sinks import Encoder, OutputWriter, encode_jpeg, encode_npy, encode_png, output_name, write_manifest
+from gradcam_cli.resume import ResumeState, csv_text, plan_resume
+from gradcam_cli.sinks import (
+    Encoder,
+    OutputWriter,
+    clean_stale_temps,
+    encode_jpeg,
+    encode_npy,
+    encode_png,
+    output_name,
+    read_csv_rows,
+    rewrite_csv,
+    write_manifest,
+)
 
 ProgressFn = Callable[[int], None]
 LogFn = Callable[[str], None]
@@ -48,6 +60,7 @@ class RunSummary:
     images_per_second: float
     layers: list[str]
     stages: dict[str, float] = field(default_factory=dict)
+    skipped: int = 0  # with --resume: images already explained by an earlier run (counted in `ok`)
 
     @property
     def exit_code(self) -> int:
@@ -111,6 +124,31 @@ def _error_row(rel: str, message: str, method: str) -> dict[str, Any]:
     return {"path": rel, "status": "error", "error": message, "method": method}
 
 
+def output_suffix(layer: str, target: int, multi_layer: bool, multi_target: bool) -> str:
+    """What tells one image's several maps apart in their file names: `__<layer>`, then `__<class index>`."""
+    return (f"__{layer}" if multi_layer else "") + (f"__{target}" if multi_target else "")
+
+
+def _row_outputs(plan: _Plan, rel: str, row: Any) -> list[str] | None:
+    """The output files (relative to OUT) that an `ok` row of `rel` must have; None if it names others."""
+    if row["layer"] not in plan.layers or not row["target_index"].isdigit():
+        return None
+    save = plan.settings.save
+    suffix = output_suffix(row["layer"], int(row["target_index"]), len(plan.layers) > 1, plan.selector.slots > 1)
+    files = []
+    for kind, folder, ext, column in (
+        ("heatmap", "heatmaps", "png", "heatmap"),
+        ("overlay", "overlays", "jpg", "overlay"),
+        ("npy", "npy", "npy", None),
+    ):
+        name = output_name(folder, rel, suffix, ext)
+        if column is not None and row[column] != (csv_text(name) if kind in save else ""):
+            return None
+        if kind in save:
+            files.append(name)
+    return files
+
+
 def _select_layers(loaded: LoadedModel, settings: Settings, device: torch.device, log: LogFn) -> dict[str, Any]:
     if settings.target_layers:
         resolved = [resolve_layer(loaded.model, spec) for spec in settings.target_layers]
@@ -154,7 +192,7 @@ def explain(
         # one dummy image first: a layer without a spatial output or a class index the model does not have
         # fails here, before OUT is touched
         engine.run(torch.zeros(1, 3, *loaded.spec.size, device=device), selector)
-        return _stream(plan, engine, progress, on_start)
+        return _stream(plan, engine, progress, on_start, log)
 
 
 @dataclass
@@ -202,13 +240,34 @@ def _manifest(plan: _Plan) -> dict[str, Any]:
     }
 
 
+def _resume_filter(plan: _Plan, manifest: dict[str, Any], log: LogFn) -> ResumeState:
+    """Before the loader: drop temp files of killed runs; with --resume, skip the images already done."""
+    removed = clean_stale_temps(plan.out)
+    if removed:
+        log(f"removed {removed} temporary file(s) left in {plan.out} by an interrupted run")
+    if not plan.settings.resume:
+        return ResumeState()
+    state = plan_resume(plan.out, manifest, [f.rel for f in plan.files], lambda rel, row: _row_outputs(plan, rel, row))
+    log(f"resume: {len(state.done)} of {len(plan.files)} images already explained in {plan.out}")
+    manifest["resume"] = {"skipped": len(state.done)}
+    plan.files = [f for f in plan.files if f.rel not in state.done]
+    return state
+
+
 def _stream(
-    plan: _Plan, engine: CamEngine, progress: ProgressFn | None, on_start: Callable[[int], None] | None
+    plan: _Plan,
+    engine: CamEngine,
+    progress: ProgressFn | None,
+    on_start: Callable[[int], None] | None,
+    log: LogFn | None = None,
 ) -> RunSummary:
     """The hot loop. run.json is written first (status running) and rewritten at the end, also when interrupted."""
-    settings, device, out_dir, files = plan.settings, plan.device, plan.out, plan.files
+    out_dir = plan.out
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(plan)
+    all_files = plan.files
+    resumed = _resume_filter(plan, manifest, log or (lambda message: None))
+    settings, device, files = plan.settings, plan.device, plan.files
     write_manifest(out_dir / "run.json", manifest)
     if on_start is not None:
         on_start(len(files))
@@ -218,12 +277,18 @@ def _stream(
     lut = _Colours(colormap_lut(settings.colormap), device, settings.alpha)
     save = set(settings.save)
     loader = make_loader(
-        files, spec, settings.batch_size, settings.workers, keep_original="overlay" in save, pin=device.type == "cuda"
+        files,
+        spec,
+        settings.batch_size,
+        settings.workers,
+        keep_original="overlay" in save,
+        pin=device.type == "cuda",
+        max_pixels=settings.max_pixels,
     )
     stages = {"decode_wait": 0.0, "compute": 0.0, "render": 0.0}
     ok = errors = 0
     start = time.perf_counter()
-    writer = OutputWriter(out_dir, out_dir / "predictions.csv", threads=2)
+    writer = OutputWriter(out_dir, out_dir / "predictions.csv", threads=2, keep_rows=resumed.kept_rows)
     status = "interrupted"
     try:
         t_wait = time.perf_counter()
@@ -257,12 +322,15 @@ def _stream(
         status = "complete"
     finally:
         writer.close()
+        if status == "complete" and resumed.done:
+            _restore_input_order(out_dir / "predictions.csv", all_files)
         seconds = time.perf_counter() - start
         stages["write_threads"] = writer.write_seconds
+        skipped = len(resumed.done)
         manifest.update(
             status=status,
             finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            counts={"images": len(files), "ok": ok, "error": errors},
+            counts={"images": len(all_files), "ok": ok + skipped, "error": errors},
             wall_seconds=round(seconds, 3),
             images_per_second=round((ok + errors) / seconds, 3) if seconds > 0 else None,
             stage_seconds={k: round(v, 3) for k, v in stages.items()},
@@ -271,14 +339,23 @@ def _stream(
         write_manifest(out_dir / "run.json", manifest)
     return RunSummary(
         out=str(out_dir),
-        total=len(files),
-        ok=ok,
+        total=len(all_files),
+        ok=ok + skipped,
         errors=errors,
         seconds=seconds,
         images_per_second=(ok + errors) / seconds if seconds > 0 else 0.0,
         layers=list(plan.layers),
         stages=stages,
+        skipped=skipped,
     )
+
+
+def _restore_input_order(csv_path: Path, files: Sequence[ImageFile]) -> None:
+    """Kept rows came first and new ones after: put them back in input order, as an uninterrupted run has them."""
+    order = {csv_text(f.rel): i for i, f in enumerate(files)}
+    rows = read_csv_rows(csv_path)
+    rows.sort(key=lambda row: order.get(row["path"], len(order)))  # stable: an image's own rows keep their order
+    rewrite_csv(csv_path, rows)
 
 
 def _torchvision_version() -> str:
@@ -377,7 +454,7 @@ def _render_batch(
                 if target in seen:  # `pred` and `topk:K` can name the same class: one map, one row
                     continue
                 seen.add(target)
-                suffix = (f"__{name}" if multi_layer else "") + (f"__{target}" if multi_target else "")
+                suffix = output_suffix(name, target, multi_layer, multi_target)
                 cam = result.cams[name][i, t]
                 rendered = heatmap(cam, batch.sizes[i], batch.boxes[i])
                 row: dict[str, Any] = {

@@ -5,6 +5,11 @@ through a bounded window, so compute does not wait for disk and memory stays bou
 under its final name only when complete (temporary name + rename). CSV rows of a batch are appended, and
 flushed, only after that batch's files are on disk: a row that says `ok` always has its outputs.
 Nothing here knows about models or torch.
+
+Crash safety: a batch's rows go to the CSV in one write(2) on an O_APPEND descriptor, so a process killed at
+any moment (kill -9) leaves a CSV that ends at a row boundary; temporary files a killed run leaves behind
+are removed by the next run (`clean_stale_temps`). Every output path is checked to stay inside OUT, also
+through symlinked folders.
 """
 
 from __future__ import annotations
@@ -13,16 +18,19 @@ import csv
 import io
 import json
 import os
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from gradcam_cli.errors import GradcamError
 
 CSV_COLUMNS: tuple[str, ...] = (
     "path",
@@ -46,17 +54,95 @@ PNG_COMPRESS_LEVEL = 1
 JPEG_QUALITY = 90
 
 
+# names that never reach a terminal or a CSV reader as raw bytes: not-UTF-8 file names are written escaped
+CSV_ENCODING, CSV_ERRORS = "utf-8", "backslashreplace"
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# `.NAME.PID.THREAD.tmp`, as atomic_write names them
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.(\d+)\.tmp$")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes so that `path` is either absent, the old file, or the complete new file."""
+    """Write bytes so that `path` is either absent, the old file, or the complete new file.
+
+    A symlink at `path` is replaced, never followed; the temporary file is never opened through a symlink.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC | _O_NOFOLLOW, 0o666)
+        with open(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this run has written nothing yet: a temp file with our pid is from a reused pid
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(out: Path) -> int:
+    """Remove the temporary files that killed runs left in OUT (their writer process is gone); returns how many.
+
+    Only our own names (`.NAME.PID.THREAD.tmp`) of processes that no longer exist are touched, so a run that
+    is still writing elsewhere in OUT keeps its files. Symlinked folders are not followed.
+    """
+    removed = 0
+    if not out.is_dir():
+        return 0
+    for dirpath, _dirnames, filenames in os.walk(out):
+        for name in filenames:
+            match = _TEMP_NAME.match(name)
+            if match and not _pid_alive(int(match.group(1))):
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def csv_bytes(rows: Iterable[Mapping[str, Any]], header: bool = False) -> bytes:
+    """Rows as the CSV file holds them (CRLF line ends, minimal quoting)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="raise")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode(CSV_ENCODING, CSV_ERRORS)
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """The complete rows of a predictions CSV that a killed run may have left; a cut-off last row is dropped.
+
+    Raises GradcamError when the file is not ours (other columns) and cannot be resumed.
+    """
+    data = path.read_bytes().decode(CSV_ENCODING, "replace")
+    try:
+        records = list(csv.reader(io.StringIO(data, newline="")))
+    except csv.Error:
+        # a kill inside a quoted field; keep every line before the last one and parse again
+        records = list(csv.reader(io.StringIO(data[: data.rstrip("\r\n").rfind("\n") + 1], newline="")))
+    if not records or tuple(records[0]) != CSV_COLUMNS:
+        raise GradcamError(f"{path} does not start with the predictions.csv header; cannot resume from it")
+    if not data.endswith("\n") and len(records) > 1:
+        records.pop()  # the last row was being written when the process died
+    return [dict(zip(CSV_COLUMNS, r, strict=True)) for r in records[1:] if len(r) == len(CSV_COLUMNS)]
+
+
+def rewrite_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Replace the CSV atomically (a resumed run puts its rows back into input order at the end)."""
+    atomic_write(path, csv_bytes(rows, header=True))
 
 
 def encode_png(image: np.ndarray | Image.Image) -> bytes:
@@ -92,36 +178,71 @@ class OutputWriter:
     what keeps memory flat.
     """
 
-    def __init__(self, out: Path, csv_path: Path, threads: int = 2, max_pending: int = 2) -> None:
+    def __init__(
+        self,
+        out: Path,
+        csv_path: Path,
+        threads: int = 2,
+        max_pending: int = 2,
+        keep_rows: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """`keep_rows`: rows of a previous run that `--resume` keeps; the CSV starts with them."""
         self.out = out
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="gradcam-write")
+        self._root = os.path.realpath(out)
+        self._safe_dirs: set[str] = set()
         self.max_pending = max_pending
         self.pending: deque[tuple[list[Future[None]], list[Mapping[str, Any]]]] = deque()
-        self.csv_file = open(csv_path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self.csv = csv.DictWriter(self.csv_file, fieldnames=list(CSV_COLUMNS), extrasaction="raise")
-        self.csv.writeheader()
-        self.csv_file.flush()
+        # header (and kept rows) appear at once, replacing any old CSV or a symlink in its place
+        atomic_write(csv_path, csv_bytes(keep_rows, header=True))
+        self._csv_fd = os.open(csv_path, os.O_WRONLY | os.O_APPEND | _O_CLOEXEC | _O_NOFOLLOW)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="gradcam-write")
         self.write_seconds = 0.0
         self._lock = threading.Lock()
 
-    def _write(self, rel: str, encode: Encoder) -> None:
+    def _destination(self, rel: str) -> Path:
+        """OUT/rel, after making sure it cannot land outside OUT (`..`, an absolute path, a symlinked folder)."""
+        pure = PurePosixPath(rel)
+        if pure.is_absolute() or not pure.parts or any(p in ("..", ".") for p in pure.parts) or "\x00" in rel:
+            raise GradcamError(f"refusing to write output '{rel}': not a plain path inside -o {self.out}")
+        path = self.out / rel
+        parent = str(path.parent)
+        if parent not in self._safe_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            real = os.path.realpath(parent)
+            if real != self._root and not real.startswith(self._root.rstrip(os.sep) + os.sep):
+                raise GradcamError(
+                    f"refusing to write into {parent}: it resolves to {real}, outside -o {self.out} "
+                    "(a symlinked output folder?)"
+                )
+            self._safe_dirs.add(parent)
+        return path
+
+    def _write(self, path: Path, encode: Encoder) -> None:
         t0 = time.perf_counter()
-        atomic_write(self.out / rel, encode())
+        atomic_write(path, encode())
         with self._lock:
             self.write_seconds += time.perf_counter() - t0
 
     def submit_batch(self, files: Iterable[tuple[str, Encoder]], rows: Sequence[Mapping[str, Any]]) -> None:
-        futures = [self.pool.submit(self._write, rel, encode) for rel, encode in files]
+        """files: (path relative to OUT, a callable returning its bytes); paths are checked here, at once."""
+        targets = [(self._destination(rel), encode) for rel, encode in files]
+        futures = [self.pool.submit(self._write, path, encode) for path, encode in targets]
         self.pending.append((futures, list(rows)))
         self._commit(block=len(self.pending) > self.max_pending)
+
+    def _append_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """One write(2) per batch on an O_APPEND descriptor: a kill leaves whole rows or none of them."""
+        data = memoryview(csv_bytes(rows))
+        while data:
+            data = data[os.write(self._csv_fd, data) :]
 
     def _commit(self, block: bool) -> None:
         while self.pending and (block or all(f.done() for f in self.pending[0][0])):
             futures, rows = self.pending.popleft()
             for f in futures:
                 f.result()
-            self.csv.writerows(rows)
-            self.csv_file.flush()
+            if rows:
+                self._append_rows(rows)
             block = len(self.pending) > self.max_pending
 
     def close(self) -> None:
@@ -131,7 +252,7 @@ class OutputWriter:
                 self._commit(block=True)
         finally:
             self.pool.shutdown(wait=True)
-            self.csv_file.close()
+            os.close(self._csv_fd)
 
 
 def write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
