@@ -253,7 +253,7 @@ def _validate_all(values: Mapping[str, Any], source: str) -> dict[str, Any]:
             near = difflib.get_close_matches(str(key), list(VALIDATORS), n=3)
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
             raise GradcamError(
-                f"unknown {'config key' if source == 'config' else source} '{key}'{hint}; "
+                f"unknown {'config key' if source == 'config' else source} {str(key)!r}{hint}; "
                 f"valid keys: {', '.join(VALIDATORS)}"
             )
         clean[key] = VALIDATORS[key](key, value, source)

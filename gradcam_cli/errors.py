@@ -11,9 +11,9 @@ from __future__ import annotations
 class GradcamError(Exception):
     """A problem the caller can fix; its message is a complete one-line explanation.
 
-    Messages often quote other libraries' exceptions (torch's span several lines), so whitespace is folded
-    here, once: whatever the source, the CLI prints exactly one line.
+    Messages often quote other libraries' exceptions (torch's span several lines), so line breaks become
+    spaces here, once: whatever the source, the CLI prints exactly one line.
     """
 
     def __init__(self, message: object = "") -> None:
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(" ".join(part.strip() for part in str(message).splitlines()))

@@ -169,7 +169,10 @@ def _torchvision_model(name: str, weights: str, kwargs: Mapping[str, Any]) -> tu
             )
     kwargs = dict(kwargs)
     if member is None:
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        try:
+            model = torchvision.models.get_model(name, weights=None, **kwargs)
+        except Exception as exc:
+            raise GradcamError(f"model '{name}' with model_kwargs {kwargs!r}: {type(exc).__name__}: {exc}") from None
         if spec.lower() != "none":
             _load_checkpoint(model, Path(spec))
             return model, None, str(spec)
@@ -233,8 +236,13 @@ def load_model(settings: Settings) -> LoadedModel:
         factory = _import_factory(name)
         try:
             model = factory(**dict(settings.model_kwargs))
-        except TypeError as exc:
-            raise GradcamError(f"model '{name}': calling the factory failed: {exc}") from None
+        except GradcamError:
+            raise
+        except Exception as exc:  # whatever a user's factory raises for the kwargs it was given
+            raise GradcamError(
+                f"model '{name}': calling the factory with model_kwargs {dict(settings.model_kwargs)!r} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         if not isinstance(model, nn.Module):
             raise GradcamError(f"model '{name}': the factory returned {type(model).__name__}, not a torch nn.Module")
         weights = settings.weights or "none"

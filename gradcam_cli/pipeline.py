@@ -180,18 +180,29 @@ def explain(
     if not files:
         raise GradcamError("no images found in " + ", ".join(str(p) for p in inputs))
     device = resolve_device(settings.device)
-    loaded = load_model(settings)
+    # load_model seeds the RNG (`seed`) so random init is the same in every run; the caller's RNG is restored
+    with torch.random.fork_rng(devices=[]):
+        loaded = load_model(settings)
     loaded.model.to(device)
     if settings.channels_last:
         loaded.model.to(memory_format=torch.channels_last)
-    layers = _select_layers(loaded, settings, device, log)
+    held: list[str] = []  # messages wait until the probe passed: a usage error must be the only line
+    layers = _select_layers(loaded, settings, device, held.append)
     selector = TargetSelector(settings.targets, loaded.labels)
     method = METHODS[settings.method]
     plan = _Plan(list(inputs), out_dir, files, settings, device, loaded, layers, selector)
     with CamEngine(loaded.model, layers, method) as engine:
         # one dummy image first: a layer without a spatial output or a class index the model does not have
         # fails here, before OUT is touched
-        engine.run(torch.zeros(1, 3, *loaded.spec.size, device=device), selector)
+        probe = engine.run(torch.zeros(1, 3, *loaded.spec.size, device=device), selector)
+        for name, cams in probe.cams.items():
+            if cams.shape[-2] * cams.shape[-1] <= 1:
+                raise GradcamError(
+                    f"layer '{name}' gives a 1x1 map at input size {loaded.spec.size[0]}x{loaded.spec.size[1]}, "
+                    "nothing to localise; choose an earlier layer or a larger input_size (see `gradcam layers MODEL`)"
+                )
+        for message in held:
+            log(message)
         return _stream(plan, engine, progress, on_start, log)
 
 

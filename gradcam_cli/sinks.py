@@ -207,15 +207,19 @@ class OutputWriter:
         path = self.out / rel
         parent = str(path.parent)
         if parent not in self._safe_dirs:
+            self._check_inside(parent)  # before mkdir: never create folders through a symlink either
             path.parent.mkdir(parents=True, exist_ok=True)
-            real = os.path.realpath(parent)
-            if real != self._root and not real.startswith(self._root.rstrip(os.sep) + os.sep):
-                raise GradcamError(
-                    f"refusing to write into {parent}: it resolves to {real}, outside -o {self.out} "
-                    "(a symlinked output folder?)"
-                )
+            self._check_inside(parent)
             self._safe_dirs.add(parent)
         return path
+
+    def _check_inside(self, folder: str) -> None:
+        real = os.path.realpath(folder)
+        if real != self._root and not real.startswith(self._root.rstrip(os.sep) + os.sep):
+            raise GradcamError(
+                f"refusing to write into {folder}: it resolves to {real}, outside -o {self.out} "
+                "(a symlinked output folder?)"
+            )
 
     def _write(self, path: Path, encode: Encoder) -> None:
         t0 = time.perf_counter()
