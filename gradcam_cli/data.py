@@ -242,12 +242,12 @@ def model_input(img: Image.Image, spec: InputSpec) -> tuple[np.ndarray, tuple[fl
     if spec.mode == "crop":
         scale = spec.resize_size / min(width, height)
         rw, rh = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
-        resized = img.resize((rw, rh), Image.BILINEAR)
+        resized = img.resize((rw, rh), Image.Resampling.BILINEAR)
         left, top = int(round((rw - out_w) / 2.0)), int(round((rh - out_h) / 2.0))
         arr = np.asarray(resized.crop((left, top, left + out_w, top + out_h)))
         box = (left / scale, top / scale, (left + out_w) / scale, (top + out_h) / scale)
     else:
-        arr = np.asarray(img.resize((out_w, out_h), Image.BILINEAR))
+        arr = np.asarray(img.resize((out_w, out_h), Image.Resampling.BILINEAR))
         box = (0.0, 0.0, float(width), float(height))
     return np.ascontiguousarray(arr.transpose(2, 0, 1)), box
 

@@ -242,6 +242,7 @@ def _manifest(plan: _Plan) -> dict[str, Any]:
         "alpha": s.alpha,
         "amp": s.amp,
         "channels_last": s.channels_last,
+        "seed": s.seed,
         "versions": {
             "gradcam_cli": __version__,
             "torch": torch.__version__,

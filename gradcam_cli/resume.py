@@ -30,6 +30,8 @@ RESUME_KEYS: tuple[str, ...] = (
     "save",
     "colormap",
     "alpha",
+    "amp",
+    "seed",
 )
 
 # (relative path of the image, one of its CSV rows) -> output files the row must have, or None if it names others

@@ -19,7 +19,7 @@ from PIL import Image
 
 from gradcam_cli.cli import main
 
-TIMING_KEYS = {"started", "finished", "wall_seconds", "images_per_second", "stage_seconds"}
+TIMING_KEYS = {"started", "finished", "wall_seconds", "images_per_second", "stage_seconds", "stage_images_per_second"}
 
 
 def invoke(*args: str | Path) -> Result:
@@ -52,12 +52,25 @@ def photos(tmp_path_factory: pytest.TempPathFactory, make_image: Callable[..., P
     return src
 
 
-def test_two_runs_give_byte_identical_outputs(photos: Path, tmp_path: Path, resnet: list[str]) -> None:
-    """Second run with 2 decode workers instead of 0: still the same bytes everywhere but run.json's timings."""
-    save = ["--save", "heatmap,overlay,npy", "--batch-size", "8"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert invoke("explain", photos, "-o", one, *resnet, *save, "--workers", "0").exit_code == 0
-    assert invoke("explain", photos, "-o", two, *resnet, *save, "--workers", "2").exit_code == 0
+@pytest.fixture(scope="module")
+def runs(photos: Path, tmp_path_factory: pytest.TempPathFactory, resnet: list[str]) -> dict[str, Path]:
+    """Four runs over the same images: batch 7 twice (0 and 2 decode workers), batch 1 and batch 32."""
+    base = tmp_path_factory.mktemp("runs")
+    plans = {
+        "b7": ["--batch-size", "7", "--workers", "0", "--save", "heatmap,overlay,npy"],
+        "b7_workers": ["--batch-size", "7", "--workers", "2", "--save", "heatmap,overlay,npy"],
+        "b1": ["--batch-size", "1", "--workers", "0", "--save", "heatmap"],
+        "b32": ["--batch-size", "32", "--workers", "0", "--save", "heatmap"],
+    }
+    for name, flags in plans.items():
+        result = invoke("explain", photos, "-o", base / name, *resnet, *flags)
+        assert result.exit_code == 0, result.output
+    return {name: base / name for name in plans}
+
+
+def test_two_runs_give_byte_identical_outputs(runs: dict[str, Path]) -> None:
+    """Second run with 2 decode workers instead of 0: the same bytes everywhere but run.json's timings."""
+    one, two = runs["b7"], runs["b7_workers"]
     a, b = files_of(one), files_of(two)
     assert a.keys() == b.keys() and len(a) == 3 * 33 + 2
     different = [name for name in a if name != "run.json" and a[name] != b[name]]
@@ -73,23 +86,21 @@ def test_two_runs_give_byte_identical_outputs(photos: Path, tmp_path: Path, resn
     assert len({h.tobytes() for h in heats}) == 33
 
 
-def test_batch_size_does_not_change_the_heatmap(photos: Path, tmp_path: Path, resnet: list[str]) -> None:
+def test_batch_size_does_not_change_the_heatmap(runs: dict[str, Path]) -> None:
     """Batch sizes 1, 7 and 32: same predictions, every heatmap pixel within 1/255."""
-    runs: dict[int, dict[str, dict[str, Any]]] = {}
-    for batch in (1, 7, 32):
-        out = tmp_path / f"b{batch}"
-        result = invoke("explain", photos, "-o", out, *resnet, "--batch-size", str(batch), "--save", "heatmap")
-        assert result.exit_code == 0, result.output
-        runs[batch] = {
+    loaded: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in ("b1", "b7", "b32"):
+        out = runs[name]
+        loaded[name] = {
             r["path"]: {**r, "pixels": np.asarray(Image.open(out / r["heatmap"])).astype(np.int16)}
             for r in rows_of(out)
         }
-    base = runs[1]
+    base = loaded["b1"]
     assert len(base) == 33
     worst = 0
-    for batch in (7, 32):
-        assert runs[batch].keys() == base.keys()
-        for path, row in runs[batch].items():
+    for name in ("b7", "b32"):
+        assert loaded[name].keys() == base.keys()
+        for path, row in loaded[name].items():
             ref = base[path]
             assert row["pred_index"] == ref["pred_index"] and row["target_index"] == ref["target_index"]
             assert float(row["pred_prob"]) == pytest.approx(float(ref["pred_prob"]), abs=2e-6)

@@ -11,6 +11,7 @@ import csv
 import os
 import pickle
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from gradcam_cli.colormaps import COLORMAP_NAMES
 from gradcam_cli.config import VALIDATORS, flag_name, load_settings, read_config
 from gradcam_cli.data import discover
 from gradcam_cli.errors import GradcamError
-from gradcam_cli.sinks import OutputWriter
+from gradcam_cli.sinks import OutputWriter, encode_png
 
 FUZZ = settings(
     derandomize=True,
@@ -94,6 +95,9 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "quiet": [True, False],
     "max_pixels": [1, 900, 10**9],
     "resume": [True, False],
+    "amp": ["none", "bf16", "fp16", "fp32"],
+    "channels_last": [True, False],
+    "seed": [0, 7, 2**40],
 }
 assert set(PLAUSIBLE) == set(VALIDATORS)
 
@@ -117,7 +121,7 @@ def _names_a_key(line: str, config: dict[Any, Any]) -> bool:
     return any(name in line for group in names for name in group)
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=250)
 @given(config=configs(plausible=0.3))
 def test_any_config_mapping_validates_or_fails_naming_a_key(tmp_path: Path, config: dict[Any, Any]) -> None:
     path = tmp_path / "fuzz.yaml"
@@ -148,7 +152,7 @@ def test_any_text_as_config_parses_or_fails_with_one_line(tmp_path: Path, text: 
         "alpha: 2001-13-45\n",  # the safe loader raises ValueError for an impossible date
         "alpha: !!int x\n",
         "alpha: !!timestamp x\n",
-        "model_kwargs: " + "[" * 2000 + "]" * 2000 + "\n",  # RecursionError
+        "model_kwargs: " + "[" * 600 + "]" * 600 + "\n",  # RecursionError
         "std: [.nan, 1, 1]\n",
         "std: [0, 1, 1]\n",
         "mean: [.inf, 0, 0]\n",
@@ -270,7 +274,7 @@ def test_writer_refuses_paths_that_leave_out(tmp_path: Path) -> None:
     try:
         for rel in ("../escaped.png", "heatmaps/../../escaped.png", str(tmp_path / "abs.png"), "/etc/x.png", ""):
             with pytest.raises(GradcamError, match="refusing"):
-                writer.submit_batch([(rel, "png", heat)], [])
+                writer.submit_batch([(rel, partial(encode_png, heat))], [])
     finally:
         writer.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,7 @@ def test_each_batch_is_one_append(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     for batch in range(5):
         names = [f"b{batch}i{i}" for i in range(3)]
         rows = [{c: "" for c in CSV_COLUMNS} | {"path": n, "status": "ok"} for n in names]
-        writer.submit_batch([(f"heatmaps/{n}.png", "png", heat) for n in names], rows)
+        writer.submit_batch([(f"heatmaps/{n}.png", partial(sinks.encode_png, heat)) for n in names], rows)
     writer.close()
     assert len(writes) == 5 and all(w.count(b"\r\n") == 3 for w in writes)
     assert [r["path"] for r in rows_of(out)] == [f"b{b}i{i}" for b in range(5) for i in range(3)]
