@@ -118,8 +118,7 @@ def main() -> None:
     help="Refuse (error row, nothing decoded) images with more pixels than this. [default: 89478485, Pillow's]",
 )
 @click.option(
-    "--resume",
-    is_flag=True,
+    "--resume/--no-resume",
     default=None,
     help="Skip images an earlier run into OUT already explained (ok rows whose files exist). [default: start fresh]",
 )

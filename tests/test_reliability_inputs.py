@@ -11,6 +11,7 @@ import csv
 import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -277,16 +278,26 @@ def test_tiny_images_in_crop_mode(tmp_path: Path, probe: list[str]) -> None:
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
 
 
-def _drop_root_file_access() -> None:
-    """preexec_fn: as root, give up the two capabilities that let root read any file, for the child only.
+def _without_root_file_access(cmd: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """As root, run `cmd` without the two capabilities that let root read any file (a no-op for other users).
 
-    Dropped from the bounding set, they are gone from the child after exec, so chmod 000 means what it means
-    for everyone else. Needs CAP_SETPCAP, which root has.
+    Dropped from the bounding set, they are gone from the child after exec, so chmod 000 means for it what it
+    means for everyone else. `setpriv` (util-linux) does it; without it, prctl in the forked child, with the
+    function looked up before the fork.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+    if os.geteuid() != 0:
+        return cmd, None
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--", *cmd], None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def drop() -> None:
+        for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+            if prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+    return cmd, drop
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="uses Linux capabilities when run as root")
@@ -302,30 +313,20 @@ def test_unreadable_file_and_folder(tmp_path: Path, make_image: Callable[..., Pa
     make_image(src / "locked_dir" / "hidden.png", seed=3)
     locked.chmod(0)
     (src / "locked_dir").chmod(0)
-    preexec = _drop_root_file_access if os.geteuid() == 0 else None
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(TESTS_DIR)])}
+    paths = [p for p in (os.environ.get("PYTHONPATH"), str(TESTS_DIR)) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     env.pop("GRADCAM_DEBUG", None)
     try:
-        probe_read = subprocess.run(
-            [sys.executable, "-c", f"open({str(locked)!r}, 'rb').read()"],
-            preexec_fn=preexec,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        check, preexec = _without_root_file_access([sys.executable, "-c", f"open({str(locked)!r}, 'rb').read()"])
+        probe_read = subprocess.run(check, preexec_fn=preexec, capture_output=True, text=True, check=False)
         assert "PermissionError" in probe_read.stderr, "the test cannot make the file unreadable"
         cfg = tmp_path / "probe.yaml"
         cfg.write_text("input_size: [24, 40]\nmean: [0, 0, 0]\nstd: [1, 1, 1]\n", encoding="utf-8")
         out = tmp_path / "out"
-        cmd = [sys.executable, "-m", "gradcam_cli", "explain", src, "-o", out, "--model", "toy_models:probe"]
+        explain = [sys.executable, "-m", "gradcam_cli", "explain", str(src), "-o", str(out), "-c", str(cfg)]
+        cmd, preexec = _without_root_file_access([*explain, "--model", "toy_models:probe", "--workers", "0", "-q"])
         proc = subprocess.run(
-            [str(c) for c in [*cmd, "-c", cfg, "--workers", "0", "-q"]],
-            preexec_fn=preexec,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-            check=False,
+            cmd, preexec_fn=preexec, capture_output=True, text=True, env=env, timeout=120, check=False
         )
     finally:
         locked.chmod(0o644)

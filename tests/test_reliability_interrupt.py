@@ -220,6 +220,18 @@ def test_resume_of_a_complete_run_does_nothing_and_default_starts_fresh(
     assert "resume" not in json.loads((out / "run.json").read_text(encoding="utf-8"))
 
 
+def test_resume_from_the_config_and_no_resume_flag(photos: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "resume.yaml"
+    cfg.write_text("input_size: [24, 40]\nmean: [0, 0, 0]\nstd: [1, 1, 1]\nresume: true\n", encoding="utf-8")
+    flags = ["--model", "toy_models:probe", "-c", cfg, "--workers", "0", "-q"]
+    out = tmp_path / "out"
+    invoke("explain", photos, "-o", out, *flags)
+    invoke("explain", photos, "-o", out, *flags)
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["resume"] == {"skipped": 5}
+    invoke("explain", photos, "-o", out, *flags, "--no-resume")
+    assert "resume" not in json.loads((out / "run.json").read_text(encoding="utf-8"))
+
+
 def test_resume_into_an_empty_folder_runs_everything(photos: Path, tmp_path: Path, probe: list[str]) -> None:
     result = invoke("explain", photos, "-o", tmp_path / "new", *probe, "--resume")
     assert result.exit_code == 1, result.output
