@@ -92,6 +92,8 @@ def discover(
             raise GradcamError(f"input not found: {root}")
         items: list[tuple[Path, str, str | None]]
         if root.is_dir():
+            if root.resolve() in skip:
+                raise GradcamError(f"input {root} is the output folder (-o); write the outputs somewhere else")
             unlistable: list[tuple[Path, str]] = []
             items = [(p, p.relative_to(root).as_posix(), None) for p in _walk(root, skip, unlistable)]
             for folder, message in unlistable:

@@ -383,3 +383,6 @@ def test_out_inside_input_is_never_read_back(tmp_path: Path, probe: list[str], m
     assert result.exit_code == 0, result.output
     assert [r["path"] for r in rows_of(out)] == ["p0.png", "p1.png", "p2.png"]
     assert [f.rel for f in discover([src], exclude=[out])] == ["p0.png", "p1.png", "p2.png"]
+    # OUT *is* INPUT: one clear line instead of "no images found"
+    result = invoke("explain", src, "-o", src, *probe)
+    assert result.exit_code == 2 and "is the output folder" in result.stderr, result.output
