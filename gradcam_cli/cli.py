@@ -16,10 +16,10 @@ import click
 
 from gradcam_cli import __version__
 from gradcam_cli.colormaps import COLORMAP_NAMES
-from gradcam_cli.config import AMP_MODES, METHOD_NAMES, PREPROCESS_MODES, load_settings
+from gradcam_cli.config import AMP_MODES, BASELINES, METHOD_NAMES, PREPROCESS_MODES, load_settings
 from gradcam_cli.errors import GradcamError
 
-EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 4
+EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_GATE_FAILED, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -122,16 +122,49 @@ def main() -> None:
     default=None,
     help="Skip images an earlier run into OUT already explained (ok rows whose files exist). [default: start fresh]",
 )
+@click.option(
+    "--metrics",
+    help="Comma-separated explanation-quality metrics: deletion,insertion,drop,pointing,energy "
+    "(columns appended to predictions.csv).",
+)
+@click.option("--steps", type=int, help="Deletion/insertion steps. [default: 20]")
+@click.option(
+    "--baseline", type=click.Choice(BASELINES), help="What deletion/insertion perturb towards. [default: blur]"
+)
+@click.option(
+    "--metric-batch-size", type=int, help="Images per forward in the metric passes. [default: 4 x --batch-size]"
+)
+@click.option("--boxes", help="Boxes for pointing/energy: CSV path,x0,y0,x1,y1,label, COCO JSON, or a VOC XML folder.")
+@click.option("--masks", help="Folder of binary PNG masks mirroring the input tree (for pointing/energy).")
+@click.option("--summary/--no-summary", default=None, help="Also write summary.json (as `gradcam audit`).")
+@click.option(
+    "--truth", help="Ground truth for the summary: auto, folders, none, or a CSV of path,label. [default: auto]"
+)
+@click.option("--worst", type=int, help="Images listed per metric in summary.json's worst lists. [default: 10]")
+@click.option(
+    "--fail-under",
+    multiple=True,
+    help="KEY=VALUE gate, exit 3 when the summary is below it; KEY: accuracy, pointing, energy, insertion, increase.",
+)
+@click.option(
+    "--fail-over", multiple=True, help="KEY=VALUE gate, exit 3 when the summary is above it; KEY: deletion, drop."
+)
+@click.option(
+    "--only-below",
+    help="Explain only images whose top-1 probability is below P; the others get a `skipped` row.",
+)
+@click.option("--sample-rate", help="Explain a deterministic sample (by hash of the path) of this fraction, e.g. 0.1.")
 @click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar or messages.")
 @_guarded
 def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any) -> None:
     """Explain every image in INPUTS (files or folders, walked recursively) into OUT.
 
-    Writes heatmaps/, overlays/ (and npy/ when asked), predictions.csv and run.json.
-    Exit codes: 0 all images explained, 1 some images failed, 2 usage or config error.
+    Writes heatmaps/, overlays/ (and npy/ when asked), predictions.csv and run.json (and summary.json with
+    --summary or a gate). Exit codes: 0 all images explained, 1 some images failed, 2 usage or config error,
+    3 a --fail-under/--fail-over gate failed (3 wins over 1).
     """
     flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
-    for key in ("target_layers", "targets"):
+    for key in ("target_layers", "targets", "fail_under", "fail_over"):
         if not flags[key]:
             flags[key] = None
     settings = load_settings(config, **flags)
@@ -162,11 +195,109 @@ def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any)
         if bar is not None:
             bar.close()
     done = f" ({summary.skipped} already done)" if summary.skipped else ""
+    confident = f", {summary.skipped_confident} skipped (confident)" if summary.skipped_confident else ""
     log(
-        f"{summary.ok} ok{done}, {summary.errors} failed of {summary.total} images in {summary.seconds:.1f} s "
-        f"({summary.images_per_second:.1f} img/s) -> {summary.out}"
+        f"{summary.ok} ok{done}, {summary.errors} failed{confident} of {summary.total} images "
+        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s) -> {summary.out}"
     )
+    if summary.audit is not None:
+        _report_audit(summary.audit, log)
     sys.exit(summary.exit_code)
+
+
+def _report_audit(result: Any, log: Callable[[str], None]) -> None:
+    """Summary lines (unless quiet) and one stderr line per gate; failed gates are printed even when quiet."""
+    from gradcam_cli.audit import summary_lines
+
+    for line in summary_lines(result):
+        log(line)
+    for gate in result.gates:
+        if gate.passed:
+            log(gate.message())
+        else:
+            click.echo(f"Error: {gate.message()}", err=True)
+
+
+_GATE_OPTIONS = [
+    click.option("--truth", help="Ground truth: auto, folders, none, or a CSV of path,label. [default: auto]"),
+    click.option(
+        "--fail-under", multiple=True, help="KEY=VALUE gate (accuracy, pointing, energy, insertion, increase)."
+    ),
+    click.option("--fail-over", multiple=True, help="KEY=VALUE gate (deletion, drop)."),
+]
+
+
+def _with_gate_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_GATE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=str))
+@_with_gate_options
+@click.option("--worst", type=int, help="Images listed per metric in the worst lists. [default: 10]")
+@click.option("-q", "--quiet", is_flag=True, help="Print only failed gates.")
+@_guarded
+def audit(
+    out: str, truth: str | None, fail_under: tuple[str, ...], fail_over: tuple[str, ...], worst: int | None, quiet: bool
+) -> None:
+    """Summarise the explain output folder OUT into OUT/summary.json and check CI gates.
+
+    Exit codes: 0 ok, 1 the folder has failed images, 2 usage error (or a gate on a metric OUT lacks),
+    3 a gate failed (3 wins over 1).
+    """
+    from gradcam_cli.audit import audit as run_audit
+    from gradcam_cli.audit import gates_from
+
+    settings = load_settings(
+        None, truth=truth, worst=worst, fail_under=list(fail_under) or None, fail_over=list(fail_over) or None
+    )
+    result = run_audit(
+        out, truth=settings.truth, worst=settings.worst, gates=gates_from(settings.fail_under, settings.fail_over)
+    )
+
+    def log(message: str) -> None:
+        if not quiet:
+            click.echo(message)
+
+    _report_audit(result, log)
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--truth", help="Ground truth: auto, folders, none, or a CSV of path,label. [default: auto]")
+@click.option("--title", help="Page title. [default: the model and the folder]")
+@click.option("--thumb-size", type=int, default=None, help="Longest side of the thumbnails in pixels. [default: 256]")
+@click.option(
+    "--low-confidence", type=float, default=None, help="Threshold of the low-confidence filter. [default: 0.5]"
+)
+@click.option("-q", "--quiet", is_flag=True, help="No messages.")
+@_guarded
+def report(
+    out: str,
+    truth: str | None,
+    title: str | None,
+    thumb_size: int | None,
+    low_confidence: float | None,
+    quiet: bool,
+) -> None:
+    """Write OUT/report.html: a self-contained page (works from file://) with the summary, a per-class table and
+    a filterable, sortable gallery of original | overlay thumbnails (written to OUT/thumbnails/)."""
+    from gradcam_cli.report import build_report
+
+    settings = load_settings(None, truth=truth)
+    path = build_report(
+        out,
+        truth=settings.truth,
+        title=title,
+        thumb_size=thumb_size if thumb_size is not None else 256,
+        low_confidence=low_confidence if low_confidence is not None else 0.5,
+        log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)),
+    )
+    if not quiet:
+        click.echo(str(path))
 
 
 @main.command()

@@ -27,6 +27,12 @@ TARGET_PATTERN = re.compile(r"^(pred|topk:[1-9]\d*)$")
 # Pillow's own default for Image.MAX_IMAGE_PIXELS (it only warns there and refuses at twice that); we refuse at it
 DEFAULT_MAX_PIXELS = 89_478_485
 MAX_INPUT_SIDE = 4096
+# explanation-quality metrics (issue 7), in the order their CSV columns are appended
+METRIC_NAMES: tuple[str, ...] = ("deletion", "insertion", "drop", "pointing", "energy")
+BASELINES: tuple[str, ...] = ("blur", "zero", "mean")
+# CI gates: summary key -> what it is measured on; `fail_under` keys are higher-is-better, `fail_over` lower-is-better
+GATES_UNDER: tuple[str, ...] = ("accuracy", "pointing", "energy", "insertion", "increase")
+GATES_OVER: tuple[str, ...] = ("deletion", "drop")
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,20 @@ class Settings:
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     resume: bool = False
+    # audit (issue 7): metrics, annotations, summary, gates, sampling
+    metrics: tuple[str, ...] = ()
+    steps: int = 20
+    baseline: str = "blur"
+    metric_batch_size: int | None = None
+    boxes: str | None = None
+    masks: str | None = None
+    summary: bool = False
+    truth: str = "auto"
+    worst: int = 10
+    fail_under: tuple[tuple[str, float], ...] = ()
+    fail_over: tuple[tuple[str, float], ...] = ()
+    only_below: float | None = None
+    sample_rate: float | None = None
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` validated as if they were flags (so the API gets the same checks as the CLI)."""
@@ -215,6 +235,88 @@ def _v_bool(key: str, value: Any, source: str) -> bool:
     return value
 
 
+def _v_metrics(key: str, value: Any, source: str) -> tuple[str, ...]:
+    items = _str_list(value)
+    if items is None or not all(i.lower() in METRIC_NAMES for i in items):
+        raise _fail(key, source, "a comma-separated subset of " + ",".join(METRIC_NAMES), value)
+    lowered = {i.lower() for i in items}
+    return tuple(m for m in METRIC_NAMES if m in lowered)
+
+
+def _v_steps(key: str, value: Any, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 1000:
+        raise _fail(key, source, "an integer from 2 to 1000", value)
+    return value
+
+
+def _v_fraction(key: str, value: Any, source: str) -> float | None:
+    """A number in (0, 1]; 'P%' is accepted too (`--sample-rate 5%`)."""
+    if value is None:
+        return None
+    number = _number(value)
+    if number is None or not 0.0 < number <= 1.0:
+        raise _fail(key, source, "a number greater than 0 and at most 1 (or a percentage such as 10%)", value)
+    return number
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from a number, a numeric string, or a percentage string ('80%' -> 0.8); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        scale = 1.0
+        if text.endswith("%"):
+            text, scale = text[:-1].strip(), 0.01
+        try:
+            number = float(text) * scale
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _v_gates(allowed: tuple[str, ...]) -> Callable[[str, Any, str], tuple[tuple[str, float], ...]]:
+    """KEY=VALUE gates, from flags ('pointing=0.8', repeatable), a YAML mapping or a list of 'KEY=VALUE'."""
+
+    def check(key: str, value: Any, source: str) -> tuple[tuple[str, float], ...]:
+        expected = "KEY=VALUE with KEY one of " + ", ".join(allowed) + " and VALUE a number (or a percentage)"
+        if value is None:
+            return ()
+        pairs: list[tuple[Any, Any]] = []
+        if isinstance(value, Mapping):
+            pairs = list(value.items())
+        else:
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise _fail(key, source, expected, value)
+            for item in items:
+                if not isinstance(item, str) or "=" not in item:
+                    raise _fail(key, source, expected, item)
+                name, _, number = item.partition("=")
+                pairs.append((name, number))
+        gates: dict[str, float] = {}
+        for name, raw in pairs:
+            gate = str(name).strip().lower()
+            number = _number(raw)
+            if gate not in allowed or number is None:
+                raise _fail(key, source, expected, f"{name}={raw}")
+            gates[gate] = number
+        return tuple(sorted(gates.items()))
+
+    return check
+
+
+def _v_truth(key: str, value: Any, source: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(key, source, "auto, folders, none or a CSV file of path,label", value)
+    text = value.strip()
+    return text.lower() if text.lower() in ("auto", "folders", "none") else text
+
+
 VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "model": _v_optional_str,
     "weights": _v_optional_str,
@@ -240,6 +342,19 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "seed": _v_nonneg_int,
     "max_pixels": _v_positive_int,
     "resume": _v_bool,
+    "metrics": _v_metrics,
+    "steps": _v_steps,
+    "baseline": _v_choice(BASELINES),
+    "metric_batch_size": _v_optional_positive_int,
+    "boxes": _v_optional_str,
+    "masks": _v_optional_str,
+    "summary": _v_bool,
+    "truth": _v_truth,
+    "worst": _v_nonneg_int,
+    "fail_under": _v_gates(GATES_UNDER),
+    "fail_over": _v_gates(GATES_OVER),
+    "only_below": _v_fraction,
+    "sample_rate": _v_fraction,
 }
 assert set(VALIDATORS) == {f.name for f in dataclasses.fields(Settings)}
 
@@ -285,11 +400,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise GradcamError(f"config {p}: expected a mapping of keys to values at the top level")
     clean = _validate_all(data, source="config")
-    if clean.get("labels"):
-        # a relative labels path means relative to the config file, which is how people write configs
-        labels = Path(clean["labels"])
-        if not labels.is_absolute():
-            clean["labels"] = str(p.parent / labels)
+    # a relative path in a config means relative to the config file, which is how people write configs
+    for key in ("labels", "boxes", "masks", "truth"):
+        value = clean.get(key)
+        if value and not (key == "truth" and value in ("auto", "folders", "none")) and not Path(value).is_absolute():
+            clean[key] = str(p.parent / value)
     return clean
 
 

@@ -21,17 +21,20 @@ from typing import Any
 import torch
 
 from gradcam_cli import __version__
+from gradcam_cli.audit import prepare_audit
 from gradcam_cli.colormaps import lut as colormap_lut
 from gradcam_cli.config import Settings
 from gradcam_cli.data import ImageFile, discover, make_loader
 from gradcam_cli.engine import CamEngine, CamResult
 from gradcam_cli.errors import GradcamError
+from gradcam_cli.evaluate import Evaluator, audit_manifest, in_sample
 from gradcam_cli.layers import auto_detect_layer, resolve_layer
 from gradcam_cli.methods import METHODS
 from gradcam_cli.models import LoadedModel, label_of, load_model
 from gradcam_cli.render import blend, blend_host, heatmap, palette
 from gradcam_cli.resume import ResumeState, csv_text, plan_resume
 from gradcam_cli.sinks import (
+    CSV_COLUMNS,
     Encoder,
     OutputWriter,
     clean_stale_temps,
@@ -61,9 +64,14 @@ class RunSummary:
     layers: list[str]
     stages: dict[str, float] = field(default_factory=dict)
     skipped: int = 0  # with --resume: images already explained by an earlier run (counted in `ok`)
+    skipped_confident: int = 0  # with --only-below: images given a `skipped` row (their prediction only)
+    audit: Any = None  # with --summary or gates: the `audit.AuditResult` written to summary.json
 
     @property
     def exit_code(self) -> int:
+        """3 when a --fail-under/--fail-over gate failed (it wins over 1), else 1 when images failed, else 0."""
+        if self.audit is not None and self.audit.failed_gates:
+            return 3
         return 1 if self.errors else 0
 
 
@@ -175,6 +183,8 @@ def explain(
     if out_dir.exists() and not out_dir.is_dir():
         raise GradcamError(f"-o {out_dir}: exists and is not a directory")
     files: list[ImageFile] = discover(inputs, exclude=[out_dir])
+    if settings.sample_rate is not None:
+        files = [f for f in files if in_sample(f.rel, settings.sample_rate)]
     if settings.limit is not None:
         files = files[: settings.limit]
     if not files:
@@ -191,6 +201,11 @@ def explain(
     selector = TargetSelector(settings.targets, loaded.labels)
     method = METHODS[settings.method]
     plan = _Plan(list(inputs), out_dir, files, settings, device, loaded, layers, selector)
+    # issue 7: metric columns and --only-below (None when not asked), summary.json and gates after the run
+    # (--resume may narrow plan.files later: rows are looked up through it, by the loader's index)
+    plan.evaluator = Evaluator.create(settings, loaded, [f.rel for f in files], device, lambda i: plan.files[i].rel)
+    plan.columns = CSV_COLUMNS + (plan.evaluator.columns if plan.evaluator is not None else ())
+    audit_plan = prepare_audit(settings, [str(Path(p).resolve()) for p in inputs], loaded.labels, files)
     with CamEngine(loaded.model, layers, method) as engine:
         # one dummy image first: a layer without a spatial output or a class index the model does not have
         # fails here, before OUT is touched
@@ -203,7 +218,10 @@ def explain(
                 )
         for message in held:
             log(message)
-        return _stream(plan, engine, progress, on_start, log)
+        summary = _stream(plan, engine, progress, on_start, log)
+    if audit_plan is not None:
+        summary.audit = audit_plan.run(out_dir)
+    return summary
 
 
 @dataclass
@@ -218,6 +236,8 @@ class _Plan:
     loaded: LoadedModel
     layers: dict[str, Any]
     selector: TargetSelector
+    evaluator: Evaluator | None = None
+    columns: tuple[str, ...] = CSV_COLUMNS  # predictions.csv header: CSV_COLUMNS + the asked metrics' columns
 
 
 def _manifest(plan: _Plan) -> dict[str, Any]:
@@ -243,6 +263,9 @@ def _manifest(plan: _Plan) -> dict[str, Any]:
         "amp": s.amp,
         "channels_last": s.channels_last,
         "seed": s.seed,
+        "input_roots": [str(Path(p).resolve()) for p in plan.inputs],
+        "labels": list(plan.loaded.labels),
+        "audit": audit_manifest(s),
         "versions": {
             "gradcam_cli": __version__,
             "torch": torch.__version__,
@@ -259,7 +282,9 @@ def _resume_filter(plan: _Plan, manifest: dict[str, Any], log: LogFn) -> ResumeS
         log(f"removed {removed} temporary file(s) left in {plan.out} by an interrupted run")
     if not plan.settings.resume:
         return ResumeState()
-    state = plan_resume(plan.out, manifest, [f.rel for f in plan.files], lambda rel, row: _row_outputs(plan, rel, row))
+    state = plan_resume(
+        plan.out, manifest, [f.rel for f in plan.files], lambda rel, row: _row_outputs(plan, rel, row), plan.columns
+    )
     log(f"resume: {len(state.done)} of {len(plan.files)} images already explained in {plan.out}")
     manifest["resume"] = {"skipped": len(state.done)}
     plan.files = [f for f in plan.files if f.rel not in state.done]
@@ -300,7 +325,10 @@ def _stream(
     stages = {"decode_wait": 0.0, "compute": 0.0, "render": 0.0}
     ok = errors = 0
     start = time.perf_counter()
-    writer = OutputWriter(out_dir, out_dir / "predictions.csv", threads=2, keep_rows=resumed.kept_rows)
+    evaluator = plan.evaluator
+    writer = OutputWriter(
+        out_dir, out_dir / "predictions.csv", threads=2, keep_rows=resumed.kept_rows, columns=plan.columns
+    )
     status = "interrupted"
     try:
         t_wait = time.perf_counter()
@@ -310,6 +338,8 @@ def _stream(
             outputs: list[tuple[str, Encoder]] = []
             for index, message in batch.errors:
                 rows[index] = [_error_row(files[index].rel, message, settings.method)]
+            if evaluator is not None:  # --only-below: confident images get a `skipped` row and leave the batch
+                batch = evaluator.skip_confident(batch, mean, std, device, rows)
             if batch.inputs is not None:
                 t0 = time.perf_counter()
                 x = batch.inputs.to(device, non_blocking=True).float().sub_(mean).div_(std)
@@ -322,10 +352,12 @@ def _stream(
                 stages["compute"] += t1 - t0
                 _render_batch(plan, batch, result, lut, save, rows, outputs)
                 stages["render"] += time.perf_counter() - t1
+                if evaluator is not None:
+                    evaluator.add_columns(batch, x, result, rows)
             for index in sorted(rows):
                 if rows[index][0]["status"] == "ok":
                     ok += 1
-                else:
+                elif rows[index][0]["status"] != "skipped":
                     errors += 1
             writer.submit_batch(outputs, [row for index in sorted(rows) for row in rows[index]])
             if progress is not None:
@@ -335,18 +367,24 @@ def _stream(
     finally:
         writer.close()
         if status == "complete" and resumed.done:
-            _restore_input_order(out_dir / "predictions.csv", all_files)
+            _restore_input_order(out_dir / "predictions.csv", all_files, plan.columns)
         seconds = time.perf_counter() - start
         stages["write_threads"] = writer.write_seconds
         skipped = len(resumed.done)
+        confident = evaluator.skipped if evaluator is not None else 0
+        counts = {"images": len(all_files), "ok": ok + skipped, "error": errors}
+        if evaluator is not None:
+            stages.update(evaluator.stage_seconds)
+            if settings.only_below is not None:
+                counts["skipped"] = confident
         manifest.update(
             status=status,
             finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            counts={"images": len(all_files), "ok": ok + skipped, "error": errors},
+            counts=counts,
             wall_seconds=round(seconds, 3),
-            images_per_second=round((ok + errors) / seconds, 3) if seconds > 0 else None,
+            images_per_second=round((ok + errors + confident) / seconds, 3) if seconds > 0 else None,
             stage_seconds={k: round(v, 3) for k, v in stages.items()},
-            stage_images_per_second={k: round((ok + errors) / v, 2) for k, v in stages.items() if v > 0},
+            stage_images_per_second={k: round((ok + errors + confident) / v, 2) for k, v in stages.items() if v > 0},
         )
         write_manifest(out_dir / "run.json", manifest)
     return RunSummary(
@@ -355,19 +393,20 @@ def _stream(
         ok=ok + skipped,
         errors=errors,
         seconds=seconds,
-        images_per_second=(ok + errors) / seconds if seconds > 0 else 0.0,
+        images_per_second=(ok + errors + confident) / seconds if seconds > 0 else 0.0,
         layers=list(plan.layers),
         stages=stages,
         skipped=skipped,
+        skipped_confident=confident,
     )
 
 
-def _restore_input_order(csv_path: Path, files: Sequence[ImageFile]) -> None:
+def _restore_input_order(csv_path: Path, files: Sequence[ImageFile], columns: Sequence[str] = CSV_COLUMNS) -> None:
     """Kept rows came first and new ones after: put them back in input order, as an uninterrupted run has them."""
     order = {csv_text(f.rel): i for i, f in enumerate(files)}
-    rows = read_csv_rows(csv_path)
+    rows = read_csv_rows(csv_path, columns)
     rows.sort(key=lambda row: order.get(row["path"], len(order)))  # stable: an image's own rows keep their order
-    rewrite_csv(csv_path, rows)
+    rewrite_csv(csv_path, rows, columns)
 
 
 def _torchvision_version() -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gradcam_cli.errors import GradcamError
-from gradcam_cli.sinks import CSV_ENCODING, CSV_ERRORS, read_csv_rows
+from gradcam_cli.sinks import CSV_COLUMNS, CSV_ENCODING, CSV_ERRORS, read_csv_rows
 
 # run.json keys that must match for the old rows to be what this run would write
 RESUME_KEYS: tuple[str, ...] = (
@@ -32,6 +32,7 @@ RESUME_KEYS: tuple[str, ...] = (
     "alpha",
     "amp",
     "seed",
+    "audit",  # metrics, steps, baseline, annotations, sampling: the metric columns must mean the same
 )
 
 # (relative path of the image, one of its CSV rows) -> output files the row must have, or None if it names others
@@ -74,15 +75,22 @@ def _check_settings(out: Path, manifest: Mapping[str, Any]) -> None:
 
 
 def plan_resume(
-    out: Path, manifest: Mapping[str, Any], rels: Sequence[str], expected_outputs: ExpectedOutputs
+    out: Path,
+    manifest: Mapping[str, Any],
+    rels: Sequence[str],
+    expected_outputs: ExpectedOutputs,
+    columns: Sequence[str] = CSV_COLUMNS,
 ) -> ResumeState:
-    """Read OUT's predictions.csv and run.json and decide what to keep; nothing is written here."""
+    """Read OUT's predictions.csv and run.json and decide what to keep; nothing is written here.
+
+    `columns` is this run's CSV header (CSV_COLUMNS plus its metric columns): a CSV with another header is
+    not resumed."""
     csv_path = out / "predictions.csv"
     if not csv_path.is_file():
         return ResumeState()
     _check_settings(out, manifest)
     try:
-        rows = read_csv_rows(csv_path)
+        rows = read_csv_rows(csv_path, columns)
     except OSError as exc:
         raise GradcamError(f"--resume: cannot read {csv_path}: {exc.strerror or exc}") from None
     wanted = {csv_text(rel): rel for rel in rels}

@@ -112,37 +112,44 @@ def clean_stale_temps(out: Path) -> int:
     return removed
 
 
-def csv_bytes(rows: Iterable[Mapping[str, Any]], header: bool = False) -> bytes:
-    """Rows as the CSV file holds them (CRLF line ends, minimal quoting)."""
+def csv_bytes(rows: Iterable[Mapping[str, Any]], header: bool = False, columns: Sequence[str] = CSV_COLUMNS) -> bytes:
+    """Rows as the CSV file holds them (CRLF line ends, minimal quoting); missing values are empty."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="raise")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="raise")
     if header:
         writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue().encode(CSV_ENCODING, CSV_ERRORS)
 
 
-def read_csv_rows(path: Path) -> list[dict[str, str]]:
+def read_csv_rows(path: Path, columns: Sequence[str] = CSV_COLUMNS) -> list[dict[str, str]]:
     """The complete rows of a predictions CSV that a killed run may have left; a cut-off last row is dropped.
 
-    Raises GradcamError when the file is not ours (other columns) and cannot be resumed.
+    Raises GradcamError when the file is not ours, or has other columns than `columns` (the metric columns a
+    run adds are part of its header), and cannot be resumed.
     """
+    columns = tuple(columns)
     data = path.read_bytes().decode(CSV_ENCODING, "replace")
     try:
         records = list(csv.reader(io.StringIO(data, newline="")))
     except csv.Error:
         # a kill inside a quoted field; keep every line before the last one and parse again
         records = list(csv.reader(io.StringIO(data[: data.rstrip("\r\n").rfind("\n") + 1], newline="")))
-    if not records or tuple(records[0]) != CSV_COLUMNS:
-        raise GradcamError(f"{path} does not start with the predictions.csv header; cannot resume from it")
+    if not records or tuple(records[0]) != columns:
+        extra = ""
+        if records and tuple(records[0][: len(CSV_COLUMNS)]) == CSV_COLUMNS:
+            extra = " (it was written with other --metrics; resume with the same ones)"
+        raise GradcamError(
+            f"{path} does not start with this run's predictions.csv header{extra}; cannot resume from it"
+        )
     if not data.endswith("\n") and len(records) > 1:
         records.pop()  # the last row was being written when the process died
-    return [dict(zip(CSV_COLUMNS, r, strict=True)) for r in records[1:] if len(r) == len(CSV_COLUMNS)]
+    return [dict(zip(columns, r, strict=True)) for r in records[1:] if len(r) == len(columns)]
 
 
-def rewrite_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+def rewrite_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = CSV_COLUMNS) -> None:
     """Replace the CSV atomically (a resumed run puts its rows back into input order at the end)."""
-    atomic_write(path, csv_bytes(rows, header=True))
+    atomic_write(path, csv_bytes(rows, header=True, columns=columns))
 
 
 def encode_png(image: np.ndarray | Image.Image) -> bytes:
@@ -185,15 +192,18 @@ class OutputWriter:
         threads: int = 2,
         max_pending: int = 2,
         keep_rows: Sequence[Mapping[str, Any]] = (),
+        columns: Sequence[str] = CSV_COLUMNS,
     ) -> None:
-        """`keep_rows`: rows of a previous run that `--resume` keeps; the CSV starts with them."""
+        """`keep_rows`: rows of a previous run that `--resume` keeps; the CSV starts with them. `columns`: the
+        header, CSV_COLUMNS then any metric columns the run asked for (values a row lacks are written empty)."""
         self.out = out
         self._root = os.path.realpath(out)
         self._safe_dirs: set[str] = set()
         self.max_pending = max_pending
         self.pending: deque[tuple[list[Future[None]], list[Mapping[str, Any]]]] = deque()
+        self.columns = tuple(columns)
         # header (and kept rows) appear at once, replacing any old CSV or a symlink in its place
-        atomic_write(csv_path, csv_bytes(keep_rows, header=True))
+        atomic_write(csv_path, csv_bytes(keep_rows, header=True, columns=self.columns))
         self._csv_fd = os.open(csv_path, os.O_WRONLY | os.O_APPEND | _O_CLOEXEC | _O_NOFOLLOW)
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="gradcam-write")
         self.write_seconds = 0.0
@@ -236,7 +246,7 @@ class OutputWriter:
 
     def _append_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """One write(2) per batch on an O_APPEND descriptor: a kill leaves whole rows or none of them."""
-        data = memoryview(csv_bytes(rows))
+        data = memoryview(csv_bytes(rows, columns=self.columns))
         while data:
             data = data[os.write(self._csv_fd, data) :]
 
@@ -261,6 +271,24 @@ class OutputWriter:
 
 def write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     atomic_write(path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def read_predictions(out: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """predictions.csv of an output folder: (header, rows as dicts of strings). For `gradcam audit`/`report`."""
+    path = Path(out) / "predictions.csv"
+    with open(path, newline="", encoding="utf-8", errors="backslashreplace") as fh:
+        reader = csv.DictReader(fh)
+        rows = [dict(row) for row in reader]
+        return list(reader.fieldnames or []), rows
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    """run.json of an output folder, or {} when it is missing or unreadable (older or partial outputs)."""
+    try:
+        data = json.loads((Path(out) / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def output_name(kind_dir: str, rel: str, suffix: str, ext: str) -> str:

@@ -1,0 +1,179 @@
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const S = D.summary, ROWS = D.rows, METRICS = D.metrics, LOWER = new Set(D.lowerBetter);
+const PAGE = 120;
+const $ = (id) => document.getElementById(id);
+const fmt = (v, d = 3) => (v === null || v === undefined || Number.isNaN(v)) ? "n/a" : (+v).toFixed(d);
+const url = (p) => p.split("/").map(encodeURIComponent).join("/");
+const norm = (s) => (s || "").toLowerCase().replace(/_/g, " ").trim();
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v; else if (k === "text") e.textContent = v; else e.setAttribute(k, v);
+  }
+  for (const k of kids) if (k !== null && k !== undefined) e.append(k);
+  return e;
+}
+function correctOf(r) {
+  if (!r.gt || r.pi === "") return null;
+  return norm(r.gt) === norm(r.pl) || r.gt === r.pi;
+}
+for (const r of ROWS) r.c = correctOf(r);
+
+// ------------------------------------------------------------------ summary, gates, per-class table
+function stat(label, value) { $("summary").append(el("div", {class: "stat"}, el("b", {text: value}), el("span", {text: label}))); }
+(function summary() {
+  const run = S.run || {};
+  $("run").textContent = [run.model && ("model " + run.model), run.layers && ("layer " + run.layers.join(", ")),
+    run.method && ("method " + run.method)].filter(Boolean).join(" \u00b7 ");
+  const c = S.counts;
+  stat("images", String(c.images)); stat("ok", String(c.ok)); stat("failed", String(c.error));
+  if (c.skipped) stat("skipped", String(c.skipped));
+  const gt = S.ground_truth || {};
+  if (gt.source) stat("accuracy (" + gt.correct + "/" + gt.images + ")", fmt(gt.accuracy));
+  if (S.pointing) stat("pointing hit rate (" + S.pointing.hits + "/" + S.pointing.annotated + ")", fmt(S.pointing.hit_rate));
+  const NAMES = {deletion_auc: "mean deletion AUC (lower is better)", insertion_auc: "mean insertion AUC",
+    avg_drop: "Average Drop % (lower is better)", increase: "Increase in Confidence rate",
+    energy_in_box: "mean energy in box"};
+  for (const [k, st] of Object.entries(S.metrics || {})) {
+    if (k !== "pointing_hit" && st.count) stat(NAMES[k] || k, fmt(st.mean, k === "avg_drop" ? 1 : 3));
+  }
+  for (const g of S.gates || []) {
+    $("gates").append(el("span", {class: "gate " + (g.passed ? "pass" : "fail"),
+      text: (g.passed ? "passed " : "FAILED ") + g.gate + " (value " + fmt(g.value, 4) + ")"}));
+  }
+})();
+(function classes() {
+  const list = S.per_class || [];
+  if (!list.length) { $("classes-box").hidden = true; return; }
+  const cols = Object.keys(list[0]).filter((k) => !k.startsWith("count_"));
+  const table = $("classes");
+  let key = "class", asc = true;
+  function draw() {
+    table.textContent = "";
+    const head = el("tr");
+    for (const col of cols) {
+      const th = el("th", {text: col.replace(/_/g, " ") + (col === key ? (asc ? " \u25b2" : " \u25bc") : "")});
+      th.addEventListener("click", () => { asc = key === col ? !asc : true; key = col; draw(); });
+      head.append(th);
+    }
+    table.append(el("thead", {}, head));
+    const body = el("tbody");
+    const sorted = list.slice().sort((a, b) => cmp(a[key], b[key]) * (asc ? 1 : -1));
+    for (const row of sorted) {
+      const tr = el("tr");
+      for (const col of cols) tr.append(el("td", {text: typeof row[col] === "number" && !Number.isInteger(row[col]) ? fmt(row[col]) : (row[col] ?? "")}));
+      body.append(tr);
+    }
+    table.append(body);
+  }
+  draw();
+})();
+function cmp(a, b) {
+  const na = a === null || a === undefined || a === "", nb = b === null || b === undefined || b === "";
+  if (na || nb) return na === nb ? 0 : (na ? 1 : -1);
+  if (typeof a === "number" && typeof b === "number") return a - b;
+  return String(a).localeCompare(String(b));
+}
+
+// ------------------------------------------------------------------------------ filters and sorting
+const sortSel = $("sort");
+const SORTS = [["path", "path"], ["pp", "prediction probability"], ["tp", "target probability"]]
+  .concat(METRICS.map((m) => ["m." + m, m]));
+for (const [value, label] of SORTS) sortSel.append(el("option", {value: value, text: label}));
+$("t-lowconf").value = D.lowConfidence;
+let desc = false;
+function disable(id, why) { const box = $(id); box.disabled = true; box.parentElement.title = why; box.parentElement.style.opacity = 0.5; }
+if (!D.truthKnown) disable("f-misclassified", "no ground truth (labels.csv, --truth)");
+if (!METRICS.includes("pointing_hit")) disable("f-missed", "no pointing_hit column (--metrics pointing)");
+if (!METRICS.includes("energy_in_box")) disable("f-lowenergy", "no energy_in_box column (--metrics energy)");
+
+function value(r, key) { return key === "path" ? r.p : key.startsWith("m.") ? r.m[key.slice(2)] : r[key]; }
+function matches(r) {
+  if ($("f-misclassified").checked && r.c !== false) return false;
+  if ($("f-lowconf").checked && !(r.pp !== null && r.pp < +$("t-lowconf").value)) return false;
+  if ($("f-missed").checked && r.m.pointing_hit !== 0) return false;
+  if ($("f-lowenergy").checked && !(r.m.energy_in_box !== undefined && r.m.energy_in_box < +$("t-lowenergy").value)) return false;
+  const st = $("f-status").value;
+  if (st && r.s !== st) return false;
+  const q = norm($("f-search").value);
+  if (q && !(norm(r.p).includes(q) || norm(r.pl).includes(q) || norm(r.tl).includes(q) || norm(r.gt).includes(q))) return false;
+  return true;
+}
+let view = [], shown = 0;
+function apply() {
+  const key = sortSel.value;
+  view = ROWS.filter(matches);
+  view.sort((a, b) => { const c = cmp(value(a, key), value(b, key)); return (c === 0 ? a.i - b.i : (desc ? -c : c)); });
+  $("gallery").textContent = "";
+  shown = 0;
+  more();
+  requestAnimationFrame(fill);
+}
+function more() {
+  const frag = document.createDocumentFragment();
+  const end = Math.min(view.length, shown + PAGE);
+  for (let k = shown; k < end; k++) frag.append(card(view[k]));
+  $("gallery").append(frag);
+  shown = end;
+  $("count").textContent = "showing " + shown + " of " + view.length + " matching (" + ROWS.length + " rows)";
+}
+function thumb(src, alt) {
+  return src ? el("img", {src: url(src), alt: alt, loading: "lazy", decoding: "async", width: "256", height: "256"})
+             : el("div", {class: "none", text: alt + " not available"});
+}
+function card(r) {
+  const c = el("article", {class: "card " + r.s, "data-path": r.p, "data-row": String(r.i), tabindex: "0"});
+  c.append(el("div", {class: "pair"}, thumb(r.ti_, "original"), thumb(r.to, "overlay")));
+  c.append(el("div", {class: "path", text: r.p}));
+  if (r.s === "error") c.append(el("div", {class: "meta bad", text: "error: " + r.e}));
+  else {
+    c.append(el("div", {class: "meta", text: "pred " + r.pl + " (" + fmt(r.pp) + ")"}));
+    if (r.s === "ok") c.append(el("div", {class: "meta", text: "target " + r.tl + " (" + fmt(r.tp) + ")" + (r.l ? " \u00b7 " + r.l : "")}));
+    else c.append(el("div", {class: "meta", text: r.s + (r.e ? ": " + r.e : "")}));
+    if (r.gt) c.append(el("div", {class: "meta " + (r.c ? "good" : "bad"), text: "truth " + r.gt + (r.c ? " \u2713" : " \u2717")}));
+  }
+  const m = el("div", {class: "metrics"});
+  for (const k of METRICS) if (r.m[k] !== undefined) m.append(metric(k, r.m[k]));
+  c.append(m);
+  return c;
+}
+function metric(k, v) {
+  if (k === "pointing_hit") return el("span", {class: v ? "" : "miss", text: v ? "pointing hit" : "pointing miss"});
+  if (k === "increase") return el("span", {text: "increase " + (v ? "yes" : "no")});
+  if (k === "avg_drop") return el("span", {text: "drop " + fmt(v, 1) + "%"});
+  return el("span", {text: k.replace("_in_box", "").replace("_auc", " AUC") + " " + fmt(v)});
+}
+function openBox(r) {
+  if (!r || !(r.o || r.ti_)) return;
+  $("lb-img").src = url(r.o || r.ti_);
+  $("lb-img").alt = r.p;
+  $("lb-cap").textContent = r.p + (r.s === "ok" ? " \u2014 target " + r.tl + " (" + fmt(r.tp) + ")" : "");
+  $("lightbox").hidden = false;
+}
+function closeBox() { $("lightbox").hidden = true; $("lb-img").removeAttribute("src"); }
+$("gallery").addEventListener("click", (ev) => {
+  const c = ev.target.closest(".card"); if (c) openBox(ROWS[+c.dataset.row]);
+});
+$("gallery").addEventListener("keydown", (ev) => {
+  const c = ev.target.closest(".card"); if (c && ev.key === "Enter") openBox(ROWS[+c.dataset.row]);
+});
+$("lightbox").addEventListener("click", closeBox);
+document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") closeBox(); });
+for (const id of ["f-misclassified", "f-lowconf", "f-missed", "f-lowenergy", "f-status", "sort", "t-lowconf", "t-lowenergy"])
+  $(id).addEventListener("change", apply);
+let typing = 0;
+$("f-search").addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(apply, 150); });
+$("sort-dir").addEventListener("click", () => { desc = !desc; $("sort-dir").innerHTML = desc ? "&#8593;" : "&#8595;"; apply(); });
+// the next page is appended while the end of the list is within 1200 px of the viewport
+function fill() {
+  if (shown < view.length && $("sentinel").getBoundingClientRect().top < window.innerHeight + 1200) {
+    more();
+    requestAnimationFrame(fill);
+  }
+}
+new IntersectionObserver((entries) => { if (entries.some((e) => e.isIntersecting)) fill(); },
+  {rootMargin: "1200px"}).observe($("sentinel"));
+window.addEventListener("scroll", () => requestAnimationFrame(fill), {passive: true});
+apply();
+document.body.dataset.ready = "1";
