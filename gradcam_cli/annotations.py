@@ -54,15 +54,23 @@ class Annotations:
     masks: Path | None = None
     source: str = ""
 
-    def boxes_for(self, rel: str, target: int) -> list[Box]:
-        """The boxes of `rel` whose label is `target` or `*`."""
+    def __post_init__(self) -> None:
+        # annotation paths without their extension, for the fallback lookup
+        self._by_stem: dict[str, list[Box]] = {}
+        for key, items in self.boxes.items():
+            self._by_stem.setdefault(_stem(key), []).extend(items)
+
+    def _lookup(self, rel: str) -> list[Box] | None:
         found = self.boxes.get(rel)
-        if found is None:
-            found = self.boxes.get(_stem(rel), [])
-        return [b for b in found if b.label in (target, ANY_CLASS)]
+        return found if found is not None else self._by_stem.get(_stem(rel))
+
+    def boxes_for(self, rel: str, target: int) -> list[Box]:
+        """The boxes of `rel` whose label is `target` or `*` (exact path first, then the same path without its
+        extension on either side)."""
+        return [b for b in (self._lookup(rel) or []) if b.label in (target, ANY_CLASS)]
 
     def has_boxes(self, rel: str) -> bool:
-        return rel in self.boxes or _stem(rel) in self.boxes
+        return self._lookup(rel) is not None
 
     def mask_path(self, rel: str) -> Path | None:
         """The mask file of `rel`, if the masks folder has one."""
@@ -76,9 +84,8 @@ class Annotations:
 
     def matched(self, rels: Iterable[str]) -> tuple[int, int]:
         """(images among `rels` with boxes, annotated images in total): to warn about paths that match nothing."""
-        keys = set(self.boxes)
-        hit = {key for rel in rels for key in (rel, _stem(rel)) if key in keys}
-        return len(hit), len(keys)
+        hit = {rel for rel in rels if self._lookup(rel) is not None}
+        return len(hit), len(self.boxes)
 
 
 def _stem(rel: str) -> str:

@@ -1,0 +1,93 @@
+"""A hand-built colour classifier for the audit tests, importable as `tests.audit_models:colour_net`.
+
+Red things are cats, green things dogs, blue things birds (CIFAR-10 names, so folders named `cat/`, `dog/`
+are ground truth that `--truth auto` recognises). With inputs in [0, 1] (config mean 0, std 1):
+
+    features = AvgPool2d(2)(ReLU(identity 1x1 conv(x)))      -> (3, h/2, w/2), the image's colours
+    logits   = W @ mean(features) + b, W[cat] = (a, -a/2, -a/2), W[dog] = (-a/2, a, -a/2), W[bird] = (-a/2, -a/2, a)
+
+Grad-CAM of class c at `features` is then ReLU(W[c] . colour): exactly the pixels of that colour, zero on a
+grey background. So a test knows the prediction of every image and where its heatmap peaks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+STRENGTH = 24.0
+
+
+class ColourNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv2d(3, 3, 1)
+        self.features = nn.Sequential(conv, nn.ReLU(), nn.AvgPool2d(2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, len(CLASSES))
+        self.class_names = list(CLASSES)
+        a = STRENGTH
+        with torch.no_grad():
+            conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            conv.bias.zero_()
+            self.fc.weight.zero_()
+            self.fc.bias.fill_(-2.0)
+            for cls, channel in ((3, 0), (5, 1), (2, 2)):
+                row = torch.full((3,), -a / 2)
+                row[channel] = a
+                self.fc.weight[cls] = row
+                self.fc.bias[cls] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def colour_net() -> nn.Module:
+    return ColourNet().eval()
+
+
+# the test images: coloured squares on grey, in folders named after their true class
+SIZE = (120, 90)
+SQUARES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int, int]]] = {
+    "cat/a.png": ((230, 20, 20), (10, 10, 40, 40)),
+    "cat/b.png": ((20, 230, 20), (70, 40, 110, 80)),
+    "dog/c.png": ((20, 230, 20), (20, 50, 50, 80)),
+    "dog/d.png": ((20, 20, 230), (80, 10, 110, 40)),
+}
+PREDICTED = {"cat/a.png": "cat", "cat/b.png": "dog", "dog/c.png": "dog", "dog/d.png": "bird"}
+CONFIG = "model: tests.audit_models:colour_net\nweights: none\ninput_size: 32\nmean: [0, 0, 0]\nstd: [1, 1, 1]\n"
+BOXES = (
+    "path,x0,y0,x1,y1,label\n"
+    "cat/a.png,10,10,40,40,cat\n"
+    "cat/b.png,0,0,20,20,dog\n"
+    "dog/c.png,0,0,120,90,airplane\n"  # another class: ignored for the dog map, the mask decides
+)
+
+
+def draw_square(path: Path, colour: tuple[int, int, int], box: tuple[int, int, int, int]) -> None:
+    """A SIZE image, grey with a `colour` square on the half-open `box`."""
+    img = Image.new("RGB", SIZE, (128, 128, 128))
+    ImageDraw.Draw(img).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def make_world(root: Path) -> dict[str, Path]:
+    """images/ (SQUARES), boxes.csv (BOXES), masks/dog/c.png (c's square) and colour.yaml under `root`."""
+    images = root / "images"
+    for rel, (colour, box) in SQUARES.items():
+        draw_square(images / rel, colour, box)
+    boxes = root / "boxes.csv"
+    boxes.write_text(BOXES, encoding="utf-8")
+    masks = root / "masks"
+    (masks / "dog").mkdir(parents=True)
+    mask = Image.new("L", SIZE, 0)
+    ImageDraw.Draw(mask).rectangle([20, 50, 49, 79], fill=255)
+    mask.save(masks / "dog" / "c.png")
+    cfg = root / "colour.yaml"
+    cfg.write_text(CONFIG + "workers: 0\nquiet: true\n", encoding="utf-8")
+    return {"root": root, "images": images, "boxes": boxes, "masks": masks, "cfg": cfg}
