@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= demo_out
+AUDIT_OUT ?= audit_out
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo audit test lint typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,13 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.demo-installed
 	$(BIN)/gradcam explain sample_images -o $(DEMO_OUT) -c configs/efficientnet_lite0.yaml
 
+# the README's worked audit: every metric on sample_images with the shipped boxes, summary, gates, HTML report
+audit: $(VENV)/.demo-installed
+	$(BIN)/gradcam explain sample_images -o $(AUDIT_OUT) -c configs/efficientnet_lite0.yaml \
+		--metrics deletion,insertion,drop,pointing,energy --boxes sample_images/boxes.csv --summary
+	$(BIN)/gradcam audit $(AUDIT_OUT) --fail-under pointing=0.8 --fail-over deletion=0.5
+	$(BIN)/gradcam report $(AUDIT_OUT)
+
 test: $(VENV)/.test-installed
 	$(BIN)/ruff check gradcam_cli tests bench
 	$(BIN)/python -m pytest -q
@@ -34,4 +42,4 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python bench/bench.py
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(DEMO_OUT) $(AUDIT_OUT) .pytest_cache .ruff_cache .mypy_cache

@@ -173,8 +173,8 @@ def read_boxes_csv(path: Path, resolve: LabelResolver) -> dict[str, list[Box]]:
         where = f"--boxes {path} line {line}"
         if not row.get("path"):
             raise GradcamError(f"{where}: empty path")
-        coords = [_number(row.get(c) or "", where) for c in ("x0", "y0", "x1", "y1")]
-        _add(table, row["path"], Box(*coords, label=resolve(row.get("label") or "", where)), where)
+        x0, y0, x1, y1 = (_number(row.get(c) or "", where) for c in ("x0", "y0", "x1", "y1"))
+        _add(table, row["path"], Box(x0, y0, x1, y1, resolve(row.get("label") or "", where)), where)
     return table
 
 
@@ -276,5 +276,5 @@ def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
         gray = im.convert("L")
         height, width = size
         if gray.size != (width, height):
-            gray = gray.resize((width, height), Image.NEAREST)
+            gray = gray.resize((width, height), Image.Resampling.NEAREST)
         return np.asarray(gray) > 0

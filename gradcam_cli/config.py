@@ -296,8 +296,8 @@ def _v_gates(allowed: tuple[str, ...]) -> Callable[[str, Any, str], tuple[tuple[
             for item in items:
                 if not isinstance(item, str) or "=" not in item:
                     raise _fail(key, source, expected, item)
-                name, _, number = item.partition("=")
-                pairs.append((name, number))
+                name, _, text = item.partition("=")
+                pairs.append((name, text))
         gates: dict[str, float] = {}
         for name, raw in pairs:
             gate = str(name).strip().lower()

@@ -57,16 +57,16 @@ def make_thumbnail(source: Path, target: Path, size: int) -> bool:
     try:
         if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
             return True
-        with Image.open(source) as im:
-            im.draft("RGB", (size, size))
-            im.seek(0)
-            im = ImageOps.exif_transpose(im)
+        with Image.open(source) as opened:
+            opened.draft("RGB", (size, size))
+            opened.seek(0)
+            im: Image.Image = ImageOps.exif_transpose(opened)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
                 im = Image.new("RGB", rgba.size, (255, 255, 255))
                 im.paste(rgba, mask=rgba.getchannel("A"))
             im = im.convert("RGB")
-            im.thumbnail((size, size), Image.BILINEAR)
+            im.thumbnail((size, size), Image.Resampling.BILINEAR)
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=THUMB_QUALITY)
         atomic_write(target, buf.getvalue())

@@ -14,6 +14,13 @@ function el(tag, attrs, ...kids) {
   for (const k of kids) if (k !== null && k !== undefined) e.append(k);
   return e;
 }
+const missing = (v) => v === null || v === undefined || v === "";
+function cmp(a, b) {
+  const na = missing(a), nb = missing(b);
+  if (na || nb) return na === nb ? 0 : (na ? 1 : -1);
+  if (typeof a === "number" && typeof b === "number") return a - b;
+  return String(a).localeCompare(String(b));
+}
 function correctOf(r) {
   if (!r.gt || r.pi === "") return null;
   return norm(r.gt) === norm(r.pl) || r.gt === r.pi;
@@ -59,7 +66,10 @@ function stat(label, value) { $("summary").append(el("div", {class: "stat"}, el(
     }
     table.append(el("thead", {}, head));
     const body = el("tbody");
-    const sorted = list.slice().sort((a, b) => cmp(a[key], b[key]) * (asc ? 1 : -1));
+    const sorted = list.slice().sort((a, b) => {
+      if (missing(a[key]) || missing(b[key])) return cmp(a[key], b[key]);  // empty cells last, either way
+      return cmp(a[key], b[key]) * (asc ? 1 : -1);
+    });
     for (const row of sorted) {
       const tr = el("tr");
       for (const col of cols) tr.append(el("td", {text: typeof row[col] === "number" && !Number.isInteger(row[col]) ? fmt(row[col]) : (row[col] ?? "")}));
@@ -69,13 +79,6 @@ function stat(label, value) { $("summary").append(el("div", {class: "stat"}, el(
   }
   draw();
 })();
-function cmp(a, b) {
-  const na = a === null || a === undefined || a === "", nb = b === null || b === undefined || b === "";
-  if (na || nb) return na === nb ? 0 : (na ? 1 : -1);
-  if (typeof a === "number" && typeof b === "number") return a - b;
-  return String(a).localeCompare(String(b));
-}
-
 // ------------------------------------------------------------------------------ filters and sorting
 const sortSel = $("sort");
 const SORTS = [["path", "path"], ["pp", "prediction probability"], ["tp", "target probability"]]
@@ -104,7 +107,12 @@ let view = [], shown = 0;
 function apply() {
   const key = sortSel.value;
   view = ROWS.filter(matches);
-  view.sort((a, b) => { const c = cmp(value(a, key), value(b, key)); return (c === 0 ? a.i - b.i : (desc ? -c : c)); });
+  view.sort((a, b) => {
+    const va = value(a, key), vb = value(b, key), ma = missing(va), mb = missing(vb);
+    if (ma || mb) return ma === mb ? a.i - b.i : (ma ? 1 : -1);  // rows without the value last, either way
+    const c = cmp(va, vb);
+    return c === 0 ? a.i - b.i : (desc ? -c : c);
+  });
   $("gallery").textContent = "";
   shown = 0;
   more();
