@@ -115,8 +115,7 @@ def open_page(br: Browser, page: Path) -> float:
         raise AssertionError(f"the page never got ready: {br.console_errors()}") from exc
     # the thumbnails in view have loaded (or failed, which console_errors would show)
     br.wait_for(
-        "Array.from(document.images).filter(i => i.getBoundingClientRect().top < innerHeight)"
-        ".every(i => i.complete)"
+        "Array.from(document.images).filter(i => i.getBoundingClientRect().top < innerHeight).every(i => i.complete)"
     )
     return seconds
 
@@ -149,9 +148,9 @@ def test_report_in_headless_chromium(report_out: Path, tmp_path: Path) -> None:
             return shown
 
         by_path = {r["path"]: r for r in rows}
-        assert only("f-missed", True) == [p for p, r in by_path.items() if r.get("pointing_hit") == "0"] == [
-            "cat/b.png"
-        ]
+        assert (
+            only("f-missed", True) == [p for p, r in by_path.items() if r.get("pointing_hit") == "0"] == ["cat/b.png"]
+        )
         misclassified = only("f-misclassified", True)
         assert misclassified == ["cat/b.png", "dog/d.png"]  # green cat -> dog, blue dog -> bird
         assert only("f-status", "error") == ["dog/broken.png"]
