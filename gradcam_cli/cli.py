@@ -16,7 +16,7 @@ import click
 
 from gradcam_cli import __version__
 from gradcam_cli.colormaps import COLORMAP_NAMES
-from gradcam_cli.config import AMP_MODES, BASELINES, METHOD_NAMES, PREPROCESS_MODES, load_settings
+from gradcam_cli.config import AMP_MODES, BASELINES, METHOD_NAMES, PREPROCESS_MODES, check_audit_settings, load_settings
 from gradcam_cli.errors import GradcamError
 
 EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_GATE_FAILED, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -168,6 +168,7 @@ def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any)
         if not flags[key]:
             flags[key] = None
     settings = load_settings(config, **flags)
+    check_audit_settings(settings)  # combinations that cannot work: one line before torch is even imported
     quiet = settings.quiet
 
     def log(message: str) -> None:

@@ -408,6 +408,26 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return clean
 
 
+def check_audit_settings(settings: Settings) -> None:
+    """Combinations of audit settings that cannot work, caught before anything runs (one line, exit 2)."""
+    metrics = set(settings.metrics)
+    annotated = bool(settings.boxes or settings.masks)
+    needs = [m for m in ("pointing", "energy") if m in metrics]
+    if needs and not annotated:
+        raise GradcamError(f"--metrics {','.join(needs)} needs annotations: --boxes FILE and/or --masks DIR")
+    if annotated and not needs:
+        raise GradcamError("--boxes/--masks are used by --metrics pointing,energy; add one of them to --metrics")
+    gate_metric = {"pointing": "pointing", "energy": "energy", "insertion": "insertion", "deletion": "deletion"}
+    gate_metric.update(increase="drop", drop="drop")
+    for flag, gates in (("--fail-under", settings.fail_under), ("--fail-over", settings.fail_over)):
+        for key, _value in gates:
+            needed = gate_metric.get(key)
+            if needed is not None and needed not in metrics:
+                raise GradcamError(f"{flag} {key}=...: needs --metrics {needed}")
+    if settings.truth == "none" and any(key == "accuracy" for key, _ in settings.fail_under):
+        raise GradcamError("--fail-under accuracy=...: needs ground truth, but --truth is none")
+
+
 def load_settings(config: str | Path | None = None, **flags: Any) -> Settings:
     """Merge defaults, the config file and flags (None means "flag not given") into validated `Settings`."""
     merged: dict[str, Any] = read_config(config) if config is not None else {}

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from gradcam_cli import metrics as M
 from gradcam_cli.annotations import Annotations, load_annotations, read_mask
-from gradcam_cli.config import Settings
+from gradcam_cli.config import Settings, check_audit_settings
 from gradcam_cli.engine import _logits_of
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.models import LoadedModel, label_of
@@ -56,26 +56,6 @@ def in_sample(rel: str, rate: float) -> bool:
     """
     digest = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64 < rate
-
-
-def check_settings(settings: Settings) -> None:
-    """Combinations of audit settings that cannot work, caught before anything runs (one line, exit 2)."""
-    metrics = set(settings.metrics)
-    annotated = bool(settings.boxes or settings.masks)
-    needs = [m for m in ("pointing", "energy") if m in metrics]
-    if needs and not annotated:
-        raise GradcamError(f"--metrics {','.join(needs)} needs annotations: --boxes FILE and/or --masks DIR")
-    if annotated and not needs:
-        raise GradcamError("--boxes/--masks are used by --metrics pointing,energy; add one of them to --metrics")
-    gate_metric = {"pointing": "pointing", "energy": "energy", "insertion": "insertion", "deletion": "deletion"}
-    gate_metric.update(increase="drop", drop="drop")
-    for flag, gates in (("--fail-under", settings.fail_under), ("--fail-over", settings.fail_over)):
-        for key, _value in gates:
-            needed = gate_metric.get(key)
-            if needed is not None and needed not in metrics:
-                raise GradcamError(f"{flag} {key}=...: needs --metrics {needed}")
-    if settings.truth == "none" and any(key == "accuracy" for key, _ in settings.fail_under):
-        raise GradcamError("--fail-under accuracy=...: needs ground truth, but --truth is none")
 
 
 def audit_manifest(s: Settings) -> dict[str, Any]:
@@ -129,7 +109,7 @@ class Evaluator:
         passes its own lookup because --resume narrows the list). Annotations are read and their labels
         resolved here, before anything runs: a typo is one line, exit 2.
         """
-        check_settings(settings)
+        check_audit_settings(settings)
         if not settings.metrics and settings.only_below is None:
             return None
         annotations = None

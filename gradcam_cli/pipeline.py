@@ -23,7 +23,7 @@ import torch
 from gradcam_cli import __version__
 from gradcam_cli.audit import prepare_audit
 from gradcam_cli.colormaps import lut as colormap_lut
-from gradcam_cli.config import Settings
+from gradcam_cli.config import Settings, check_audit_settings
 from gradcam_cli.data import ImageFile, discover, make_loader
 from gradcam_cli.engine import CamEngine, CamResult
 from gradcam_cli.errors import GradcamError
@@ -179,6 +179,7 @@ def explain(
     Per-image problems become `status=error` rows; problems with the call itself raise GradcamError.
     """
     log = log or (lambda message: None)
+    check_audit_settings(settings)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise GradcamError(f"-o {out_dir}: exists and is not a directory")

@@ -176,7 +176,6 @@ def build_report(
         "summary": summary,
         "rows": records,
         "metrics": [c for c in METRIC_DIRECTIONS if c in header],
-        "lowerBetter": [c for c, low in METRIC_DIRECTIONS.items() if low],
         "lowConfidence": low_confidence,
         "truthKnown": truth.known,
     }

@@ -1,8 +1,8 @@
 """A minimal Chrome DevTools Protocol client over `--remote-debugging-pipe`, standard library only.
 
 Chromium reads commands from its fd 3 and writes replies and events to its fd 4, each a JSON object ended by a
-NUL byte. We start it through `sh -c 'exec chromium ... 3<&R 4>&W'` so the two pipe ends land on 3 and 4
-without a preexec_fn. One reader thread splits the stream into messages: replies go to whoever waits for
+NUL byte. We start it with os.posix_spawn and dup2 file actions, so the two pipe ends land on 3 and 4 without a
+shell or a preexec_fn. One reader thread splits the stream into messages: replies go to whoever waits for
 their id, events are kept (console errors, exceptions, load events) for the test to inspect.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
-import shlex
 import shutil
-import subprocess
+import signal
 import threading
 import time
 from pathlib import Path
@@ -50,6 +50,14 @@ def find_chromium() -> str | None:
     return None
 
 
+def _high(fd: int) -> int:
+    """`fd` moved to a number >= 10 (close-on-exec): dup2 onto 3 and 4 would clobber a pipe end that is itself 3
+    or 4, which os.pipe returns when those numbers are free, as they can be late in a test session."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return high
+
+
 class CdpError(RuntimeError):
     pass
 
@@ -58,23 +66,24 @@ class Browser:
     """A headless chromium with one page attached; `call` sends a command to that page and waits for its reply."""
 
     def __init__(self, binary: str, profile: Path, width: int = 1280, height: int = 900) -> None:
-        to_chrome_r, self._to_chrome_w = os.pipe()
-        self._from_chrome_r, from_chrome_w = os.pipe()
-        cmd = [
-            binary,
-            *FLAGS,
-            f"--user-data-dir={profile}",
-            "--remote-debugging-pipe",
-            f"--window-size={width},{height}",
-        ]
-        shell = f"exec {shlex.join(cmd)} 3<&{to_chrome_r} 4>&{from_chrome_w}"
+        to_chrome_r, self._to_chrome_w = (_high(fd) for fd in os.pipe())
+        self._from_chrome_r, from_chrome_w = (_high(fd) for fd in os.pipe())
+        cmd = [binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe"]
+        cmd.append(f"--window-size={width},{height}")
         self.log_path = profile.parent / "chromium.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            ["sh", "-c", shell], pass_fds=(to_chrome_r, from_chrome_w), stdout=self._log, stderr=self._log
-        )
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
+        log_fd = _high(os.dup(self._log.fileno()))
+        # chromium reads commands on fd 3 and writes to fd 4; the sources are >= 10, so no dup2 clobbers another
+        actions = [
+            (os.POSIX_SPAWN_DUP2, to_chrome_r, 3),
+            (os.POSIX_SPAWN_DUP2, from_chrome_w, 4),
+            (os.POSIX_SPAWN_DUP2, log_fd, 1),
+            (os.POSIX_SPAWN_DUP2, log_fd, 2),
+        ]
+        self.pid = os.posix_spawn(binary, cmd, dict(os.environ), file_actions=actions)
+        self._exit: int | None = None
+        for fd in (to_chrome_r, from_chrome_w, log_fd):
+            os.close(fd)
         self._next_id = 0
         self._replies: dict[int, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
@@ -127,10 +136,8 @@ class Browser:
         with self._cond:
             while mid not in self._replies:
                 left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    raise CdpError(
-                        f"{method}: no reply (chromium {'exited' if self.proc.poll() is not None else 'slow'})"
-                    )
+                if left <= 0 or self.poll() is not None:
+                    raise CdpError(f"{method}: no reply (chromium {'exited' if self.poll() is not None else 'slow'})")
                 self._cond.wait(left)
             reply = self._replies.pop(mid)
         if "error" in reply:
@@ -190,16 +197,31 @@ class Browser:
     def screenshot(self) -> bytes:
         return base64.b64decode(self.call("Page.captureScreenshot", {"format": "png"})["data"])
 
+    def poll(self) -> int | None:
+        """The exit status once chromium has exited (reaped here), else None."""
+        if self._exit is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self._exit = os.waitstatus_to_exitcode(status)
+        return self._exit
+
+    def _wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def close(self) -> None:
+        """Ask the browser to quit; kill it (our own child, by pid) if it does not within 10 s."""
         try:
-            if self.proc.poll() is None:
-                with contextlib.suppress(CdpError):
+            if self.poll() is None:
+                with contextlib.suppress(CdpError, OSError):
                     self.call("Browser.close", session=False, timeout=5)
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
+                if not self._wait(10):
+                    os.kill(self.pid, signal.SIGKILL)
+                    self._wait(10)
         finally:
             for fd in (self._to_chrome_w, self._from_chrome_r):
                 with contextlib.suppress(OSError):

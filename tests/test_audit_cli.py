@@ -450,3 +450,18 @@ def test_audit_and_report_never_import_torch(
     proc = run_process([sys.executable, "-c", code])
     assert "TORCH=False" in proc.stderr and "EXIT=0" in proc.stderr, proc.stderr
     assert (copy / ("summary.json" if command == "audit" else "report.html")).is_file()
+
+
+def test_audit_usage_errors_answer_before_torch_is_imported(world: dict[str, Path], run_process: Any) -> None:
+    code = (
+        "import sys\n"
+        "from gradcam_cli.cli import main\n"
+        "try:\n"
+        f"    main(['explain', {str(world['images'])!r}, '-o', 'never', '-c', {str(world['cfg'])!r},"
+        " '--metrics', 'drop', '--fail-under', 'pointing=0.5'])\n"
+        "except SystemExit as exc:\n"
+        "    sys.stderr.write(f'EXIT={exc.code} TORCH={\"torch\" in sys.modules}\\n')\n"
+    )
+    proc = run_process([sys.executable, "-c", code])
+    assert "EXIT=2 TORCH=False" in proc.stderr, proc.stderr
+    assert "Error: --fail-under pointing=...: needs --metrics pointing" in proc.stderr

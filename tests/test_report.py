@@ -250,16 +250,14 @@ def test_gallery_grows_to_every_row_as_it_scrolls(tmp_path: Path) -> None:
 @pytest.mark.slow
 @needs_chromium
 def test_report_at_10000_rows(tmp_path: Path) -> None:
-    """Measured (printed with -s): building the report, page load, first paint of the gallery, a filter, a sort."""
+    """Measured (printed with -s): building the report with its 20,000 thumbnails, page load, the gallery ready,
+    a filter and a sort over every row."""
     n = 10_000
     out = synthetic_out(tmp_path, n)
     t0 = time.perf_counter()
     build_report(out)
     build_s = time.perf_counter() - t0
     size_mb = (out / "report.html").stat().st_size / 1e6
-    t0 = time.perf_counter()
-    build_report(out)
-    rebuild_s = time.perf_counter() - t0
     assert CHROMIUM is not None
     with Browser(CHROMIUM, tmp_path / "profile") as br:
         load_s = open_page(br, out / "report.html")
@@ -276,7 +274,7 @@ def test_report_at_10000_rows(tmp_path: Path) -> None:
         shown = br.evaluate("document.getElementById('count').textContent")
         assert br.console_errors() == []
     print(
-        f"\n10,000-row report: build {build_s:.1f} s ({os.cpu_count()} CPUs), rebuild {rebuild_s:.1f} s, "
+        f"\n10,000-row report: build {build_s:.1f} s ({os.cpu_count()} CPUs), "
         f"report.html {size_mb:.1f} MB, load event {load_s:.2f} s, ready at {ready_ms:.0f} ms, "
         f"filter {filter_ms:.0f} ms, sort {sort_ms:.0f} ms; {shown}"
     )

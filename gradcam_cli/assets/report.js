@@ -1,6 +1,6 @@
 "use strict";
 const D = JSON.parse(document.getElementById("data").textContent);
-const S = D.summary, ROWS = D.rows, METRICS = D.metrics, LOWER = new Set(D.lowerBetter);
+const S = D.summary, ROWS = D.rows, METRICS = D.metrics;
 const PAGE = 120;
 const $ = (id) => document.getElementById(id);
 const fmt = (v, d = 3) => (v === null || v === undefined || Number.isNaN(v)) ? "n/a" : (+v).toFixed(d);
