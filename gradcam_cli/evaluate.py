@@ -1,7 +1,8 @@
 """Per-batch evaluation for `explain`: metric columns, `--only-below` selection, `--sample-rate` sampling.
 
-The pipeline makes two calls per batch into an `Evaluator` (and none when no metric, threshold or sample is
-asked for): `skip_confident` before the engine runs, and `add_columns` after the rows are made. The maths is
+The pipeline makes two calls per batch into an `Evaluator` (there is none when neither a metric nor
+--only-below is asked for): `skip_confident` before the engine runs, and `add_columns` after the rows are made.
+`--sample-rate` is applied to the file list before the run (`in_sample`). The maths is
 in `metrics` (pure tensor functions); this module feeds it a batch's inputs, CAMs and annotations, and turns
 the results into CSV values.
 

@@ -401,6 +401,16 @@ def test_only_below_explains_only_unconfident_images_and_skips_the_backward(
     assert s["counts"]["skipped"] == 1 and s["ground_truth"]["images"] == 4 and s["ground_truth"]["correct"] == 2
 
 
+def test_only_below_with_every_image_confident_runs_no_engine(world: dict[str, Path], tmp_path: Path) -> None:
+    from gradcam_cli import explain as api_explain
+
+    settings = load_settings(world["cfg"], only_below=0.05, save="heatmap")
+    summary = api_explain([world["images"]], tmp_path / "out", settings)
+    assert (summary.ok, summary.errors, summary.skipped_confident, summary.exit_code) == (0, 0, 4, 0)
+    assert [r["status"] for r in rows_of(tmp_path / "out")] == ["skipped"] * 4
+    assert not (tmp_path / "out" / "heatmaps").exists()
+
+
 def test_sample_rate_keeps_a_deterministic_hash_sample(world: dict[str, Path], tmp_path: Path) -> None:
     many = tmp_path / "many"
     rels = [f"img{i:02d}.png" for i in range(24)]
