@@ -185,7 +185,10 @@ def explain(
         raise GradcamError(f"-o {out_dir}: exists and is not a directory")
     files: list[ImageFile] = discover(inputs, exclude=[out_dir])
     if settings.sample_rate is not None:
+        found = len(files)
         files = [f for f in files if in_sample(f.rel, settings.sample_rate)]
+        if found and not files:
+            raise GradcamError(f"--sample-rate {settings.sample_rate:g} keeps none of the {found} images found")
     if settings.limit is not None:
         files = files[: settings.limit]
     if not files:

@@ -475,3 +475,24 @@ def test_audit_usage_errors_answer_before_torch_is_imported(world: dict[str, Pat
     proc = run_process([sys.executable, "-c", code])
     assert "EXIT=2 TORCH=False" in proc.stderr, proc.stderr
     assert "Error: --fail-under pointing=...: needs --metrics pointing" in proc.stderr
+
+
+def test_resume_keeps_metric_columns_and_refuses_other_metrics(world: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["explain", world["images"], "-o", out, "-c", world["cfg"], "--metrics", "drop,deletion", "--steps", "3"]
+    assert invoke(*args).exit_code == 0
+    first = rows_of(out)
+    (out / "heatmaps" / "dog" / "d.png.png").unlink()  # d must be explained again, the others are kept
+    result = invoke(*args, "--resume", "--summary")
+    assert result.exit_code == 0, result.output
+    assert header_of(out) == BASE_HEADER + ",deletion_auc,avg_drop,increase"
+    again = rows_of(out)
+    assert [r["path"] for r in again] == [r["path"] for r in first]  # input order restored
+    for before, after in zip(first, again, strict=True):
+        assert after["deletion_auc"] == before["deletion_auc"] and after["avg_drop"] == before["avg_drop"]
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["resume"] == {"skipped": 3}
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["metrics"]["avg_drop"]["count"] == 4
+    # other metrics would mix two kinds of rows in one CSV: a usage error, nothing touched
+    line = one_error_line(invoke(*args[:-4], "--metrics", "drop", "--resume"), "--resume", "audit")
+    assert "start fresh" in line
+    assert header_of(out) == BASE_HEADER + ",deletion_auc,avg_drop,increase"

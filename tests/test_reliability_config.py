@@ -98,6 +98,20 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "amp": ["none", "bf16", "fp16", "fp32"],
     "channels_last": [True, False],
     "seed": [0, 7, 2**40],
+    # audit (issue 7); boxes.csv and masks/ exist in the end-to-end test's folder
+    "metrics": ["deletion", "drop", "pointing,energy", [], ["insertion", "deletion"], "speed"],
+    "steps": [2, 3, 1],
+    "baseline": ["blur", "zero", "mean", "noise"],
+    "metric_batch_size": [1, 4, None],
+    "boxes": ["boxes.csv", "missing-boxes.csv"],
+    "masks": ["masks", "missing-masks"],
+    "summary": [True, False],
+    "truth": ["auto", "none", "folders", "missing-truth.csv"],
+    "worst": [0, 3],
+    "fail_under": [{"pointing": 0.5}, ["accuracy=0.5"], "energy=10%", {}],
+    "fail_over": [{"deletion": 0.9}, "drop=50", []],
+    "only_below": [0.5, 1, 0],
+    "sample_rate": [0.5, 1, "50%", 0],
 }
 assert set(PLAUSIBLE) == set(VALIDATORS)
 
@@ -184,11 +198,13 @@ def two_images(tmp_path_factory: pytest.TempPathFactory, make_image: Callable[..
 def test_any_config_runs_or_exits_2_with_one_line(
     tmp_path_factory: pytest.TempPathFactory, two_images: Path, config: dict[Any, Any]
 ) -> None:
-    """End to end through the CLI with the toy model: exit 0 or 1 with a CSV, or exit 2 with one line naming a
-    key. Never a traceback, never exit 4. (--model/--workers/-q on the command line keep it fast; the config's
-    own values for them are still validated.)"""
+    """End to end through the CLI with the toy model: exit 0 or 1 with a CSV, 3 (a gate failed) with a CSV and
+    summary.json, or exit 2 with one line naming a key. Never a traceback, never exit 4. (--model/--workers/-q on
+    the command line keep it fast; the config's own values for them are still validated.)"""
     folder = tmp_path_factory.mktemp("fuzzrun")
     (folder / "labels.txt").write_text("light\nshade\n", encoding="utf-8")
+    (folder / "boxes.csv").write_text("path,x0,y0,x1,y1,label\na.png,0,0,20,12,bright\n", encoding="utf-8")
+    (folder / "masks").mkdir()
     cfg = folder / "fuzz.yaml"
     cfg.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     read_back = yaml.safe_load(cfg.read_text(encoding="utf-8"))
@@ -196,7 +212,7 @@ def test_any_config_runs_or_exits_2_with_one_line(
     result = invoke("explain", two_images, "-o", out, "-c", cfg, "--model", "toy_models:probe", "--workers", "0", "-q")
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), (repr(result.exception), config)
-    assert result.exit_code in (0, 1, 2), (result.exit_code, result.output, config)
+    assert result.exit_code in (0, 1, 2, 3), (result.exit_code, result.output, config)
     if result.exit_code == 2:
         line = one_error_line(result)
         assert _names_a_key(line, read_back), (line, config)
@@ -205,6 +221,9 @@ def test_any_config_runs_or_exits_2_with_one_line(
         rows = list(csv.DictReader(fh))
     assert rows, config
     assert all(r["error"] for r in rows if r["status"] == "error")
+    if result.exit_code == 3:  # a gate failed: it says so, and it wins over failed images
+        assert (out / "summary.json").is_file() and "Error: gate failed:" in result.stderr, config
+        return
     assert (result.exit_code == 1) == any(r["status"] == "error" for r in rows)
 
 
