@@ -17,13 +17,16 @@ import click
 from gradcam_cli import __version__
 from gradcam_cli.colormaps import COLORMAP_NAMES
 from gradcam_cli.config import AMP_MODES, BASELINES, METHOD_NAMES, PREPROCESS_MODES, check_audit_settings, load_settings
-from gradcam_cli.errors import GradcamError
+from gradcam_cli.distributed import env_rank, env_world_size
+from gradcam_cli.errors import GradcamError, RunStopped
 
 EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_GATE_FAILED, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    click.echo(f"Error: {message}", err=True)
+    size = env_world_size()
+    where = f"[rank {env_rank()}/{size}] " if size > 1 else ""  # under torchrun: which process says it
+    click.echo(f"Error: {where}{message}", err=True)
     sys.exit(code)
 
 
@@ -35,6 +38,10 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except GradcamError as exc:
             _fail(str(exc))
+        except RunStopped as exc:
+            if exc.quiet:  # another rank of a distributed run: rank 0 says it, and exits with the run's code
+                sys.exit(EXIT_OK)
+            _fail(str(exc), exc.exit_code)
         except BrokenPipeError:
             # `gradcam models | head`: the reader went away; that is not an error
             sys.stderr.close()
@@ -154,6 +161,11 @@ def main() -> None:
     help="Explain only images whose top-1 probability is below P; the others get a `skipped` row.",
 )
 @click.option("--sample-rate", help="Explain a deterministic sample (by hash of the path) of this fraction, e.g. 0.1.")
+@click.option(
+    "--dist-timeout",
+    type=float,
+    help="Under torchrun: seconds a rank waits for a peer that shows no sign of life. [default: 120]",
+)
 @click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar or messages.")
 @_guarded
 def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any) -> None:
@@ -169,7 +181,8 @@ def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any)
             flags[key] = None
     settings = load_settings(config, **flags)
     check_audit_settings(settings)  # combinations that cannot work: one line before torch is even imported
-    quiet = settings.quiet
+    # under torchrun only rank 0 prints: its progress bar (its own share) and the summary of the merged run
+    quiet = settings.quiet or env_rank() != 0
 
     def log(message: str) -> None:
         if not quiet:
@@ -184,7 +197,9 @@ def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any)
         if not quiet:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, desc="explain")
+            size = env_world_size()
+            desc = f"explain (rank 0 of {size})" if size > 1 else "explain"
+            bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, desc=desc)
 
     def progress(n: int) -> None:
         if bar is not None:
@@ -197,13 +212,16 @@ def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any)
             bar.close()
     done = f" ({summary.skipped} already done)" if summary.skipped else ""
     confident = f", {summary.skipped_confident} skipped (confident)" if summary.skipped_confident else ""
+    across = f" by {summary.ranks} processes" if summary.ranks > 1 else ""
     log(
         f"{summary.ok} ok{done}, {summary.errors} failed{confident} of {summary.total} images "
-        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s) -> {summary.out}"
+        f"in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s{across}) -> {summary.out}"
     )
     if summary.audit is not None:
         _report_audit(summary.audit, log)
-    sys.exit(summary.exit_code)
+    # under torchrun rank 0's exit code is the run's; the other ranks exit 0 once rank 0 has their results, so
+    # that no launcher stops rank 0 (torchrun stops every rank when one exits non-zero) before it has reported
+    sys.exit(summary.exit_code if env_rank() == 0 else EXIT_OK)
 
 
 def _report_audit(result: Any, log: Callable[[str], None]) -> None:

@@ -77,6 +77,7 @@ class Settings:
     fail_over: tuple[tuple[str, float], ...] = ()
     only_below: float | None = None
     sample_rate: float | None = None
+    dist_timeout: float = 120.0
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` validated as if they were flags (so the API gets the same checks as the CLI)."""
@@ -229,6 +230,12 @@ def _v_kwargs(key: str, value: Any, source: str) -> Mapping[str, Any]:
     return dict(value)
 
 
+def _v_positive_number(key: str, value: Any, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) < float("inf"):
+        raise _fail(key, source, "a number of seconds > 0", value)
+    return float(value)
+
+
 def _v_bool(key: str, value: Any, source: str) -> bool:
     if not isinstance(value, bool):
         raise _fail(key, source, "true or false", value)
@@ -355,6 +362,7 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "fail_over": _v_gates(GATES_OVER),
     "only_below": _v_fraction,
     "sample_rate": _v_fraction,
+    "dist_timeout": _v_positive_number,
 }
 assert set(VALIDATORS) == {f.name for f in dataclasses.fields(Settings)}
 

@@ -17,3 +17,17 @@ class GradcamError(Exception):
 
     def __init__(self, message: object = "") -> None:
         super().__init__(" ".join(part.strip() for part in str(message).splitlines()))
+
+
+class RunStopped(Exception):
+    """A run that could not finish for a reason outside the caller's inputs: a rank of a distributed run died,
+    was stopped, or lost contact. What was written is kept (and `--resume` finishes it).
+
+    `exit_code` is what the CLI returns (4 unless it says otherwise); `quiet` means another process (rank 0)
+    already reported it, so this one exits without printing the same line again.
+    """
+
+    def __init__(self, message: str, exit_code: int = 4, quiet: bool = False) -> None:
+        super().__init__(" ".join(str(message).split()))
+        self.exit_code = exit_code
+        self.quiet = quiet

@@ -25,8 +25,9 @@ from gradcam_cli.audit import prepare_audit
 from gradcam_cli.colormaps import lut as colormap_lut
 from gradcam_cli.config import Settings, check_audit_settings
 from gradcam_cli.data import ImageFile, discover, make_loader
+from gradcam_cli.distributed import World, conclude, fold_rank_csvs, host, one_line
 from gradcam_cli.engine import CamEngine, CamResult
-from gradcam_cli.errors import GradcamError
+from gradcam_cli.errors import GradcamError, RunStopped
 from gradcam_cli.evaluate import Evaluator, audit_manifest, in_sample
 from gradcam_cli.layers import auto_detect_layer, resolve_layer
 from gradcam_cli.methods import METHODS
@@ -66,6 +67,7 @@ class RunSummary:
     skipped: int = 0  # with --resume: images already explained by an earlier run (counted in `ok`)
     skipped_confident: int = 0  # with --only-below: images given a `skipped` row (their prediction only)
     audit: Any = None  # with --summary or gates: the `audit.AuditResult` written to summary.json
+    ranks: int = 1  # processes that shared the run (torchrun)
 
     @property
     def exit_code(self) -> int:
@@ -176,24 +178,36 @@ def explain(
 ) -> RunSummary:
     """Explain every image under `inputs` into `out`: heatmaps/, overlays/, npy/, predictions.csv, run.json.
 
-    Per-image problems become `status=error` rows; problems with the call itself raise GradcamError.
+    Per-image problems become `status=error` rows; problems with the call itself raise GradcamError. Under
+    torchrun each rank explains its share and rank 0 merges (see `gradcam_cli.distributed`); only rank 0 logs.
     """
+    world = World.from_env(settings.dist_timeout)
+    with world.joined(settings.device), world.starting():
+        return _explain(inputs, out, settings, progress, log if world.rank == 0 else None, on_start, world)
+
+
+def _explain(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    settings: Settings,
+    progress: ProgressFn | None,
+    log: LogFn | None,
+    on_start: Callable[[int], None] | None,
+    world: World,
+) -> RunSummary:
     log = log or (lambda message: None)
     check_audit_settings(settings)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise GradcamError(f"-o {out_dir}: exists and is not a directory")
-    files: list[ImageFile] = discover(inputs, exclude=[out_dir])
-    if settings.sample_rate is not None:
-        found = len(files)
-        files = [f for f in files if in_sample(f.rel, settings.sample_rate)]
-        if found and not files:
-            raise GradcamError(f"--sample-rate {settings.sample_rate:g} keeps none of the {found} images found")
-    if settings.limit is not None:
-        files = files[: settings.limit]
-    if not files:
-        raise GradcamError("no images found in " + ", ".join(str(p) for p in inputs))
-    device = resolve_device(settings.device)
+    if world.active:  # rank 0 lists the inputs, every rank gets the same list
+        listed = world.from_rank0(
+            "inputs", lambda: [[str(f.path), f.rel] for f in _discover(inputs, out_dir, settings)]
+        )
+        files = [ImageFile(Path(path), rel) for path, rel in listed]
+    else:
+        files = _discover(inputs, out_dir, settings)
+    device = resolve_device(world.pick_device(settings.device))
     # load_model seeds the RNG (`seed`) so random init is the same in every run; the caller's RNG is restored
     with torch.random.fork_rng(devices=[]):
         loaded = load_model(settings)
@@ -209,10 +223,11 @@ def explain(
     # (--resume may narrow plan.files later: rows are looked up through it, by the loader's index)
     plan.evaluator = Evaluator.create(settings, loaded, [f.rel for f in files], device, lambda i: plan.files[i].rel)
     plan.columns = CSV_COLUMNS + (plan.evaluator.columns if plan.evaluator is not None else ())
-    audit_plan = prepare_audit(settings, [str(Path(p).resolve()) for p in inputs], loaded.labels, files)
+    roots = [str(Path(p).resolve()) for p in inputs]
+    audit_plan = prepare_audit(settings, roots, loaded.labels, files) if world.rank == 0 else None  # after the merge
     with CamEngine(loaded.model, layers, method) as engine:
         # one dummy image first: a layer without a spatial output or a class index the model does not have
-        # fails here, before OUT is touched
+        # fails here, before OUT is touched (on every rank: they all start, or none does)
         probe = engine.run(torch.zeros(1, 3, *loaded.spec.size, device=device), selector)
         for name, cams in probe.cams.items():
             if cams.shape[-2] * cams.shape[-1] <= 1:
@@ -220,12 +235,27 @@ def explain(
                     f"layer '{name}' gives a 1x1 map at input size {loaded.spec.size[0]}x{loaded.spec.size[1]}, "
                     "nothing to localise; choose an earlier layer or a larger input_size (see `gradcam layers MODEL`)"
                 )
+        world.agree(None)
         for message in held:
             log(message)
-        summary = _stream(plan, engine, progress, on_start, log)
+        summary = _stream(plan, engine, progress, on_start, log, world)
     if audit_plan is not None:
         summary.audit = audit_plan.run(out_dir)
     return summary
+
+
+def _discover(inputs: Sequence[str | Path], out_dir: Path, settings: Settings) -> list[ImageFile]:
+    files: list[ImageFile] = discover(inputs, exclude=[out_dir])
+    if settings.sample_rate is not None:
+        found = len(files)
+        files = [f for f in files if in_sample(f.rel, settings.sample_rate)]
+        if found and not files:
+            raise GradcamError(f"--sample-rate {settings.sample_rate:g} keeps none of the {found} images found")
+    if settings.limit is not None:
+        files = files[: settings.limit]
+    if not files:
+        raise GradcamError("no images found in " + ", ".join(str(p) for p in inputs))
+    return files
 
 
 @dataclass
@@ -301,15 +331,37 @@ def _stream(
     progress: ProgressFn | None,
     on_start: Callable[[int], None] | None,
     log: LogFn | None = None,
+    world: World | None = None,
 ) -> RunSummary:
-    """The hot loop. run.json is written first (status running) and rewritten at the end, also when interrupted."""
+    """The hot loop. run.json is written first (status running) and rewritten at the end, also when interrupted.
+
+    In a distributed run rank 0 prepares OUT (resume included) and tells the others which images are left;
+    each rank explains its share of them into its own rank CSV, and `_finish_ranks` merges.
+    """
+    world = world or World()
     out_dir = plan.out
-    out_dir.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(plan)
     all_files = plan.files
-    resumed = _resume_filter(plan, manifest, log or (lambda message: None))
+    resumed = ResumeState()
+
+    def prepare_out() -> list[int]:
+        nonlocal resumed
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # rank CSVs an earlier distributed run left (it stopped before its merge): merged in with --resume
+        fold_rank_csvs(out_dir, [csv_text(f.rel) for f in all_files], plan.settings.resume, plan.columns)
+        resumed = _resume_filter(plan, manifest, log or (lambda message: None))
+        if world.active:
+            manifest["distributed"] = world.describe()
+            rewrite_csv(out_dir / "predictions.csv", resumed.kept_rows, plan.columns)  # merged so far
+        write_manifest(out_dir / "run.json", manifest)
+        return [i for i, f in enumerate(all_files) if f.rel not in resumed.done] if world.active else []
+
+    left = world.from_rank0("todo", prepare_out)  # one process: just prepare_out()
+    if world.rank != 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plan.files = [all_files[i] for i in left]
+    plan.files = world.shard(plan.files, plan.settings.batch_size)
     settings, device, files = plan.settings, plan.device, plan.files
-    write_manifest(out_dir / "run.json", manifest)
     if on_start is not None:
         on_start(len(files))
     spec = plan.loaded.spec
@@ -330,10 +382,10 @@ def _stream(
     ok = errors = 0
     start = time.perf_counter()
     evaluator = plan.evaluator
-    writer = OutputWriter(
-        out_dir, out_dir / "predictions.csv", threads=2, keep_rows=resumed.kept_rows, columns=plan.columns
-    )
+    keep = () if world.active else resumed.kept_rows  # distributed: in predictions.csv already
+    writer = OutputWriter(out_dir, out_dir / world.csv_name, threads=2, keep_rows=keep, columns=plan.columns)
     status = "interrupted"
+    failure: BaseException | None = None
     try:
         t_wait = time.perf_counter()
         for batch in loader:
@@ -368,40 +420,100 @@ def _stream(
                 progress(len(rows))
             t_wait = time.perf_counter()
         status = "complete"
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
-        writer.close()
-        if status == "complete" and resumed.done:
-            _restore_input_order(out_dir / "predictions.csv", all_files, plan.columns)
-        seconds = time.perf_counter() - start
-        stages["write_threads"] = writer.write_seconds
-        skipped = len(resumed.done)
-        confident = evaluator.skipped if evaluator is not None else 0
-        counts = {"images": len(all_files), "ok": ok + skipped, "error": errors}
-        if evaluator is not None:
-            stages.update(evaluator.stage_seconds)
-            if settings.only_below is not None:
-                counts["skipped"] = confident
-        manifest.update(
-            status=status,
-            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            counts=counts,
-            wall_seconds=round(seconds, 3),
-            images_per_second=round((ok + errors + confident) / seconds, 3) if seconds > 0 else None,
-            stage_seconds={k: round(v, 3) for k, v in stages.items()},
-            stage_images_per_second={k: round((ok + errors + confident) / v, 2) for k, v in stages.items() if v > 0},
-        )
-        write_manifest(out_dir / "run.json", manifest)
+        try:
+            writer.close()
+        finally:
+            if status == "complete" and resumed.done and not world.active:
+                _restore_input_order(out_dir / "predictions.csv", all_files, plan.columns)
+            seconds = time.perf_counter() - start
+            stages["write_threads"] = writer.write_seconds
+            skipped = len(resumed.done)
+            confident = evaluator.skipped if evaluator is not None else 0
+            counts = {"images": len(all_files), "ok": ok + skipped, "error": errors}
+            if evaluator is not None:
+                stages.update(evaluator.stage_seconds)
+                if settings.only_below is not None:
+                    counts["skipped"] = confident
+            done = ok + errors + confident
+            timing = {
+                "wall_seconds": round(seconds, 3),
+                "images_per_second": round(done / seconds, 3) if seconds > 0 else None,
+                "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
+                "stage_images_per_second": {k: round(done / v, 2) for k, v in stages.items() if v > 0},
+            }
+            manifest.update(status=status, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            if not world.active:
+                manifest.update(counts=counts, **timing)
+                write_manifest(out_dir / "run.json", manifest)
+            else:  # this rank's report to rank 0, which merges and writes run.json
+                report = {"rank": world.rank, "host": host(), "device": str(device), "status": status}
+                report.update(images=len(files), ok=ok, error=errors, skipped=confident, **timing)
+                if failure is not None:
+                    report["reason"] = one_line(failure)
+                    world.stopped(report, failure)
+                    if world.rank == 0:
+                        manifest.update(ranks=[report], note=STOPPED_NOTE)
+                        write_manifest(out_dir / "run.json", manifest)
+    if world.active:
+        return _finish_ranks(plan, manifest, world, report, all_files, start, skipped)
     return RunSummary(
         out=str(out_dir),
         total=len(all_files),
         ok=ok + skipped,
         errors=errors,
         seconds=seconds,
-        images_per_second=(ok + errors + confident) / seconds if seconds > 0 else 0.0,
+        images_per_second=done / seconds if seconds > 0 else 0.0,
         layers=list(plan.layers),
         stages=stages,
         skipped=skipped,
         skipped_confident=confident,
+    )
+
+
+STOPPED_NOTE = (
+    "this run stopped before the ranks' results were merged: the predictions.rank<k>.csv files in this folder "
+    "hold them; run the same command with --resume to merge them and explain only what is missing"
+)
+
+
+def _finish_ranks(
+    plan: _Plan,
+    manifest: dict[str, Any],
+    world: World,
+    report: dict[str, Any],
+    all_files: Sequence[ImageFile],
+    start: float,
+    skipped: int,
+) -> RunSummary:
+    """The finish line of a distributed run: every rank reports; rank 0 waits for all of them (a rank whose
+    heartbeat stopped is given up on), merges the rank CSVs into predictions.csv in input order and writes
+    run.json; every rank returns the same summary, or raises when images are missing (exit code 4)."""
+    out_dir, order = plan.out, [csv_text(f.rel) for f in all_files]
+    confident = plan.settings.only_below is not None
+
+    def finish(reports: dict[int, Any]) -> dict[str, Any]:
+        return conclude(world, out_dir, manifest, reports, order, start, skipped, plan.columns, confident)
+
+    outcome = world.finish(report, finish)
+    if outcome["exit_code"] not in (0, 1):
+        raise RunStopped(outcome["message"], outcome["exit_code"], quiet=world.rank != 0)
+    totals = outcome["summary"]
+    return RunSummary(
+        out=str(out_dir),
+        total=totals["total"],
+        ok=totals["ok"],
+        errors=totals["errors"],
+        seconds=totals["seconds"],
+        images_per_second=totals["images_per_second"],
+        layers=list(plan.layers),
+        stages=totals["stages"],
+        skipped=totals["skipped"],
+        skipped_confident=totals["confident"],
+        ranks=world.size,
     )
 
 
