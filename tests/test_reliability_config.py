@@ -112,6 +112,7 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "fail_over": [{"deletion": 0.9}, "drop=50", []],
     "only_below": [0.5, 1, 0],
     "sample_rate": [0.5, 1, "50%", 0],
+    "dist_timeout": [0.5, 120, 0, -3],  # issue 8
 }
 assert set(PLAUSIBLE) == set(VALIDATORS)
 
