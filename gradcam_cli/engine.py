@@ -3,7 +3,9 @@
 The forward hook replaces the target layer's output with a detached leaf that requires grad, and every
 parameter has requires_grad turned off for the duration: so autograd records nothing before the target
 layer, parameters never get `.grad`, and the backward runs through the head only. The leaf is cloned before
-it flows on, so in-place ops after the layer (inplace ReLU) cannot touch what we keep.
+it flows on, so in-place ops after the layer (inplace ReLU) cannot touch what we keep. Token sequences
+(ViT) and channels-last maps (Swin) are hooked as they are and viewed as (B, C, h, w) only for the method,
+with the grid taken from the batch's actual input size (`layouts`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from gradcam_cli.errors import GradcamError
+from gradcam_cli.layouts import Layout, infer_layout, token_hint
 from gradcam_cli.methods import CamMethod
 
 
@@ -70,6 +73,10 @@ class CamEngine:
         self._acts: dict[str, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._grad_flags: list[tuple[nn.Parameter, bool]] = []
+        # token sequences and channels-last maps are viewed as (B, C, h, w) for the method (see `layouts`)
+        self._hint = token_hint(model)
+        self._input_hw: tuple[int, int] = (0, 0)
+        self.layouts: dict[str, Layout] = {}
 
     def __enter__(self) -> CamEngine:
         try:
@@ -100,12 +107,18 @@ class CamEngine:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> Tensor:
-            if not isinstance(output, Tensor) or output.dim() != 4:
+            layout = (
+                infer_layout(tuple(output.shape), self._input_hw, self._hint, strict=False)
+                if isinstance(output, Tensor)
+                else None
+            )
+            if layout is None:
                 shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
                 raise GradcamError(
-                    f"layer '{name}' outputs {shape}, not a spatial (B, C, h, w) map; choose an earlier layer "
-                    "(see `gradcam layers MODEL`)"
+                    f"layer '{name}' outputs {shape}, not a spatial map ((B, C, h, w), (B, h, w, C) or tokens on a "
+                    "grid of the input); choose an earlier layer (see `gradcam layers MODEL`)"
                 )
+            self.layouts[name] = layout
             # The first hooked layer to run becomes a leaf (nothing before it is recorded); a later hooked layer
             # is already in the graph and must stay there, or the earlier layer would lose its gradient path.
             act = output if output.requires_grad else output.detach().requires_grad_(True)
@@ -117,6 +130,7 @@ class CamEngine:
     def run(self, x: Tensor, select_targets: object) -> CamResult:
         """Forward `x` (B, 3, H, W), pick targets, backprop each target slot once for the whole batch."""
         self._acts.clear()
+        self._input_hw = (int(x.shape[-2]), int(x.shape[-1]))
         with torch.enable_grad():
             logits = _logits_of(self.model(x))
             missing = [n for n in self.layers if n not in self._acts]
@@ -141,12 +155,13 @@ class CamEngine:
     def _cams(self, names: list[str], acts: list[Tensor], per_slot: list[Sequence[Tensor | None]]) -> dict[str, Tensor]:
         cams: dict[str, Tensor] = {}
         for li, name in enumerate(names):
-            a = acts[li].detach().float()
+            layout = self.layouts[name]
+            a = layout.to_nchw(acts[li].detach()).float()
             maps = []
             for grads in per_slot:
                 g = grads[li]
                 if g is None:
                     raise GradcamError(f"the output does not depend on layer '{name}'")
-                maps.append(self.method(a, g.float()))
+                maps.append(self.method(a, layout.to_nchw(g).float()))
             cams[name] = torch.stack(maps, dim=1)
         return cams

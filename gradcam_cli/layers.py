@@ -3,8 +3,9 @@
 Users write `layer4`, `layer4.-1`, `layer4[-1]` or `features.denseblock4`; all resolve through the module
 tree the way Python indexing would, and the canonical `named_modules()` name is what we report (so the CSV
 says `layer4.1`, not whichever spelling the user typed). Auto-detection runs one dummy forward and picks the
-last module, in execution order, whose output is a spatial (B, C, h, w) map with h*w > 1: that is the last
-place before global pooling where "where" still exists.
+last module, in execution order, whose output still has positions (a (B, C, h, w) or (B, h, w, C) map or a
+token grid with h*w > 1; see `layouts`) and whose positions the class score depends on: that is the last
+place before global pooling (or the class token's read-out) where "where" still exists.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import re
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from gradcam_cli.engine import _logits_of as logits_of
 from gradcam_cli.errors import GradcamError
+from gradcam_cli.layouts import Layout, infer_layout, output_shape, token_hint
 
 _BRACKET = re.compile(r"\[(-?\d+)\]")
 
@@ -71,65 +74,125 @@ def _unknown_layer_message(model: nn.Module, spec: str, walked: list[str], child
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One module as seen by a dummy forward: its output shape (None if not a tensor) and how often it ran."""
+    """One module as seen by a dummy forward: output shape (None if not one tensor), layout, how often it ran."""
 
     name: str
     type_name: str
     shape: tuple[int, ...] | None
     calls: int
     order: int  # position of its last completed call in execution order
+    layout: Layout | None = None
 
     @property
     def spatial(self) -> bool:
-        """A candidate target: a (B, C, h, w) map that still has more than one position."""
-        return self.shape is not None and len(self.shape) == 4 and self.shape[2] * self.shape[3] > 1
+        """A candidate target: a map or token grid that still has more than one position."""
+        return self.layout is not None and self.layout.area > 1
 
 
 def trace_layers(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu") -> list[LayerInfo]:
-    """Run one dummy (1, 3, H, W) forward and record every module's output shape, in module-tree order."""
+    """Run one dummy (1, 3, H, W) forward and record every module's output shape and layout, in module-tree order."""
+    return _trace(model, input_size, device, keep=False)[0]
+
+
+def _trace(
+    model: nn.Module, input_size: tuple[int, int], device: torch.device | str, keep: bool
+) -> tuple[list[LayerInfo], dict[str, Tensor], Tensor | None]:
+    """The one dummy forward behind `trace_layers` and `inspect_layers`.
+
+    With `keep`, the forward records a graph from a seeded random input and also returns every spatial
+    output (by module name, the last call's) and the top class's score, so liveness needs no second forward.
+    Kept outputs are cloned on their way on, so in-place ops further on cannot rewrite them.
+    """
     records: dict[str, list] = {}
+    kept: dict[str, Tensor] = {}
     counter = [0]
     handles = []
+    hint = token_hint(model)
 
     def make_hook(name: str):
-        def hook(module: nn.Module, inputs: object, output: object) -> None:
+        def hook(module: nn.Module, inputs: object, output: object) -> object:
             counter[0] += 1
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+            shape = output_shape(output)
             rec = records.setdefault(name, [None, 0, 0])
             rec[0], rec[1], rec[2] = shape, rec[1] + 1, counter[0]
+            if keep and isinstance(output, Tensor) and output.requires_grad:
+                layout = infer_layout(shape, input_size, hint) if shape is not None else None
+                if layout is not None and layout.area > 1:
+                    kept[name] = output
+                    return output.clone()
+            return None
 
         return hook
 
     named = [(n, m) for n, m in model.named_modules() if n]
+    was_training = model.training
+    score = None
     try:
         for name, module in named:
             handles.append(module.register_forward_hook(make_hook(name)))
-        was_training = model.training
         model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, *input_size, device=device))
-        model.train(was_training)
+        if keep:
+            x = torch.randn(1, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
+            with torch.enable_grad():
+                score = logits_of(model(x.requires_grad_(True))).max(dim=1).values.sum()
+        else:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, *input_size, device=device))
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     out = []
     for name, module in named:
         shape, calls, order = records.get(name, [None, 0, -1])
-        out.append(LayerInfo(name, type(module).__name__, shape, calls, order))
-    return out
+        layout = infer_layout(shape, input_size, hint) if shape is not None else None
+        out.append(LayerInfo(name, type(module).__name__, shape, calls, order, layout))
+    return out, kept, score
+
+
+def _is_live(grad: Tensor | None, layout: Layout) -> bool:
+    """Whether the score's gradient reaches more than one position of the map."""
+    if grad is None:
+        return False
+    per_position = layout.to_nchw(grad).abs().sum(dim=1).flatten()
+    return int((per_position > 0).sum()) > 1
+
+
+def inspect_layers(
+    model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu"
+) -> tuple[list[LayerInfo], str]:
+    """`trace_layers` and `auto_detect_layer` from a single forward: every module's info and the pick."""
+    infos, kept, score = _trace(model, input_size, device, keep=True)
+    candidates = sorted((i for i in infos if i.spatial and i.calls == 1), key=lambda i: -i.order)
+    if not candidates:
+        raise GradcamError(
+            "could not find a layer with a spatial output ((B, C, h, w), (B, h, w, C) or tokens) to explain; "
+            "pass --layer (see `gradcam layers MODEL`)"
+        )
+    if score is not None and score.requires_grad:
+        with torch.enable_grad():
+            # backward in growing chunks, newest layers first: a CNN stops after its head, a ViT a few blocks in
+            start, size = 0, 1
+            while start < len(candidates):
+                chunk = [i for i in candidates[start : start + size] if i.name in kept and i.layout is not None]
+                acts = [kept[i.name] for i in chunk]
+                grads = torch.autograd.grad(score, acts, retain_graph=True, allow_unused=True) if acts else ()
+                for info, grad in zip(chunk, grads, strict=True):
+                    if info.layout is not None and _is_live(grad, info.layout):
+                        return infos, info.name
+                start, size = start + size, size * 2
+    return infos, candidates[0].name  # nothing gets gradient (a degenerate model): the last spatial layer
 
 
 def auto_detect_layer(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu") -> str:
-    """The last module (in execution order) with a spatial output that ran exactly once.
+    """The last module, in execution order, with a spatial output that ran once and that the score depends on.
 
     Modules called more than once (a shared activation, say) are skipped: hooking them would capture several
     tensors. Among a parent and its last child, which finish with the same tensor, the parent finishes last
-    and wins, which gives the familiar names (`layer4`, `features`).
+    and wins, which gives the familiar names (`layer4`, `features`). "Depends on" matters for transformers:
+    a ViT's head reads only the class token, so the last blocks' patch tokens get no gradient and would give
+    an empty map; one backward from the top class of a seeded random input finds the last layer whose
+    positions do get gradient (for a ViT the last block's `ln_1`, where patches still feed the class token
+    through attention). Convolutional nets pass this check at their last spatial layer.
     """
-    infos = [i for i in trace_layers(model, input_size, device) if i.spatial and i.calls == 1]
-    if not infos:
-        raise GradcamError(
-            "could not find a layer with a spatial (B, C, h, w) output to explain; pass --layer "
-            "(see `gradcam layers MODEL`)"
-        )
-    return max(infos, key=lambda i: i.order).name
+    return inspect_layers(model, input_size, device)[1]
