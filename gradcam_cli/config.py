@@ -56,6 +56,7 @@ class Settings:
     std: tuple[float, float, float] | None = None
     labels: str | None = None
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
     limit: int | None = None
     quiet: bool = False
     amp: str = "none"
@@ -342,6 +343,7 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "std": _v_triple,
     "labels": _v_optional_str,
     "model_kwargs": _v_kwargs,
+    "num_classes": _v_optional_positive_int,
     "limit": _v_optional_positive_int,
     "quiet": _v_bool,
     "amp": _v_choice(AMP_MODES),

@@ -2,7 +2,10 @@
 
 Modelled on torchvision's registry: one place turns a name into everything a run needs. torchvision names
 get their weights enum, its transforms (input size, mean, std) and its class names; factories get the same
-from the config (`input_size`, `mean`, `std`, `labels`) with ImageNet defaults.
+from the config (`input_size`, `mean`, `std`, `labels`), else from the model's own `pretrained_cfg` (timm),
+else ImageNet defaults. Checkpoints are read with `weights_only=True` and their key names are adapted the
+way training code commonly saves them (DataParallel's `module.`, Lightning's `model.`, ...); every such
+adaptation is reported back as a note, never done silently.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import importlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,7 @@ class LoadedModel:
     weights: str
     spec: InputSpec
     labels: list[str]
+    notes: list[str] = field(default_factory=list)  # what loading adapted (checkpoint keys, ...): tell the user
 
 
 def classification_model_names() -> list[str]:
@@ -107,101 +111,274 @@ def _import_factory(spec: str) -> Any:
     return obj
 
 
-def _load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load a state dict saved with torch.save; only tensors and plain containers are unpickled."""
+CHECKPOINT_ENTRIES = ("state_dict", "model_state_dict", "model")  # where trainers nest the state dict
+KEY_PREFIXES = ("module.", "model.", "_orig_mod.")  # DataParallel/DDP, Lightning and wrappers, torch.compile
+
+
+def _strip_prefixes(state: dict[str, Any], expected: set[str], notes: list[str], where: str) -> dict[str, Any]:
+    """Drop known key prefixes (also stacked: `module.model.`) from keys that then name a model entry.
+
+    A key is only renamed when the stripped name exists in the model and the original does not, so a model
+    whose own submodule is called `model` keeps its keys, and keys that match nothing keep the name the
+    checkpoint gave them (which is what the mismatch error should show).
+    """
+    renamed: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    for key, value in state.items():
+        name, dropped = key, []
+        while name not in expected:
+            prefix = next((p for p in KEY_PREFIXES if name.startswith(p)), None)
+            if prefix is None:
+                break
+            name, dropped = name[len(prefix) :], [*dropped, prefix]
+        if name in expected and dropped and name not in state:
+            for prefix in dropped:
+                counts[prefix] = counts.get(prefix, 0) + 1
+            renamed[name] = value
+        else:
+            renamed[key] = value
+    for prefix, count in counts.items():
+        notes.append(f"{where}: stripped the '{prefix}' prefix from {count} key{'s' if count != 1 else ''}")
+    return renamed
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def _load_checkpoint(model: nn.Module, path: Path) -> list[str]:
+    """Load a state dict saved with torch.save; only tensors and plain containers are unpickled.
+
+    Returns notes on what was adapted (the entry the weights sat under, stripped key prefixes).
+    """
+    where = f"--weights {path}"
+    if not path.is_file():
+        raise GradcamError(f"{where}: no such file (and not 'none', 'DEFAULT' or a weights name)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GradcamError(
-            f"--weights {path}: not a loadable state dict (loaded with weights_only=True): {first[:200]}"
+            f"{where}: not a loadable state dict (read with weights_only=True, which refuses pickled objects "
+            f"such as a whole nn.Module; save model.state_dict() instead): {first[:160]}"
         ) from None
-    for key in ("state_dict", "model_state_dict", "model"):
+    notes: list[str] = []
+    for key in CHECKPOINT_ENTRIES:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
+            notes.append(f"{where}: using the state dict under the checkpoint's '{key}' entry")
             break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise GradcamError(f"--weights {path}: expected a state dict (parameter name -> tensor)")
-    state = dict(obj)
-    expected = set(model.state_dict())
-    for prefix in ("module.", "model."):
-        if state and not (set(state) & expected) and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    missing = sorted(expected - set(state))
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise GradcamError(f"{where}: expected a state dict (parameter name -> tensor), got {type(obj).__name__}")
+    model_state = model.state_dict()
+    expected = set(model_state)
+    state = _strip_prefixes(dict(obj), expected, notes, where)
+    # BatchNorm's step counter is not a weight; old checkpoints and some exporters leave it out
+    missing = sorted(k for k in expected - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+            parts.append(f"{len(missing)} missing (e.g. {_few(missing)})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise GradcamError(f"--weights {path}: keys do not match the model: {'; '.join(parts)}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        line = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
-        raise GradcamError(f"--weights {path}: {line[:240]}") from None
+            parts.append(f"{len(unexpected)} unexpected (e.g. {_few(unexpected)})")
+        raise GradcamError(f"{where}: keys do not match the model: {'; '.join(parts)}")
+    wrong = [k for k in model_state if k in state and state[k].shape != model_state[k].shape]
+    if wrong:
+        shown = ", ".join(
+            f"{k} (checkpoint {'x'.join(map(str, state[k].shape))}, model {'x'.join(map(str, model_state[k].shape))})"
+            for k in wrong[:3]
+        )
+        hint = ""
+        classes = _num_outputs(model)
+        for k in wrong:
+            if classes is not None and model_state[k].dim() >= 1 and model_state[k].shape[0] == classes:
+                hint = f"; if it was fine-tuned for {state[k].shape[0]} classes, set num_classes: {state[k].shape[0]}"
+                break
+        raise GradcamError(f"{where}: {len(wrong)} tensor shape(s) differ from the model: {shown}{hint}")
+    model.load_state_dict(state, strict=False)
+    return notes
 
 
-def _torchvision_model(name: str, weights: str, kwargs: Mapping[str, Any]) -> tuple[nn.Module, Any, str]:
-    """Build a torchvision model; returns (model, weights enum member or None, description of weights)."""
+# builders whose architecture fixes the input size, and the keyword that sets it (random weights only)
+SIZE_KWARGS = {"vit_": "image_size", "maxvit_": "input_size"}
+# keyword defaults that select what torchvision does anyway, minus its FutureWarning about it
+QUIET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "googlenet": {"init_weights": True},
+    "inception_v3": {"init_weights": True},
+}
+
+
+def _size_kwarg(name: str) -> str | None:
+    return next((kw for prefix, kw in SIZE_KWARGS.items() if name.startswith(prefix)), None)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _weights_member(name: str, spec: str) -> Any:
+    """The weights enum member `spec` names, or None for `none` and checkpoint paths."""
     import torchvision
 
     try:
         enum_cls = torchvision.models.get_model_weights(name)
     except (ValueError, KeyError):
         enum_cls = None
-    spec = weights
     if spec.lower() == "none" or Path(spec).exists():
-        member = None
-    else:
-        if enum_cls is None:
-            raise GradcamError(f"--weights {spec}: {name} has no pretrained weights in torchvision; use none or a path")
-        short = spec.split(".")[-1]
-        if short.upper() == "DEFAULT":
-            member = enum_cls.DEFAULT
-        elif short in enum_cls.__members__:
-            member = enum_cls[short]
-        else:
+        return None
+    if enum_cls is None:
+        raise GradcamError(f"--weights {spec}: {name} has no pretrained weights in torchvision; use none or a path")
+    short = spec.split(".")[-1]
+    if short.upper() == "DEFAULT":
+        return enum_cls.DEFAULT
+    if short in enum_cls.__members__:
+        return enum_cls[short]
+    if any(c in spec for c in "/\\") or spec.endswith((".pt", ".pth", ".ckpt", ".bin")):
+        raise GradcamError(f"--weights {spec}: no such file")
+    choices = ", ".join(enum_cls.__members__)
+    raise GradcamError(f"--weights {spec}: not a path, 'none', 'DEFAULT' or one of {name}'s weights: {choices}")
+
+
+def _torchvision_kwargs(name: str, settings: Settings, member: Any) -> dict[str, Any]:
+    """model_kwargs plus what num_classes and input_size imply for this builder, checked against the weights."""
+    kwargs = dict(settings.model_kwargs)
+    if settings.num_classes is not None:
+        if kwargs.get("num_classes", settings.num_classes) != settings.num_classes:
             raise GradcamError(
-                f"--weights {spec}: not a path, 'none', 'DEFAULT' or one of {name}'s weights: "
-                + ", ".join(enum_cls.__members__)
+                f"config key 'num_classes' is {settings.num_classes} but model_kwargs sets num_classes "
+                f"{kwargs['num_classes']}; keep one"
             )
-    kwargs = dict(kwargs)
+        if member is not None and settings.num_classes != len(member.meta["categories"]):
+            raise GradcamError(
+                f"config key 'num_classes': {type(member).__name__}.{member.name} has "
+                f"{len(member.meta['categories'])} classes, not {settings.num_classes}; for a fine-tuned model "
+                "pass its checkpoint with --weights PATH"
+            )
+        kwargs["num_classes"] = settings.num_classes
+    size_kw = _size_kwarg(name)
+    if size_kw and settings.input_size is not None and size_kw not in kwargs:
+        height, width = settings.input_size
+        if member is not None:
+            fixed = tuple(member.meta.get("min_size", ()))
+            if fixed and fixed != (height, width):
+                raise GradcamError(
+                    f"config key 'input_size': {name} with weights {member.name} takes exactly "
+                    f"{fixed[0]}x{fixed[1]} inputs (its size is part of the architecture); drop input_size or use "
+                    "--weights none"
+                )
+        elif size_kw == "image_size":
+            if height != width:
+                raise GradcamError(f"config key 'input_size': {name} takes square inputs, got {height}x{width}")
+            kwargs[size_kw] = height
+        else:
+            kwargs[size_kw] = (height, width)
+    if member is None:
+        for key, value in QUIET_DEFAULTS.get(name, {}).items():
+            kwargs.setdefault(key, value)
+    return kwargs
+
+
+def _torchvision_model(name: str, settings: Settings) -> tuple[nn.Module, Any, str, list[str]]:
+    """Build a torchvision model; returns (model, weights enum member or None, description of weights, notes)."""
+    import torchvision
+
+    spec = settings.weights or "DEFAULT"
+    member = _weights_member(name, spec)
+    kwargs = _torchvision_kwargs(name, settings, member)
     if member is None:
         try:
             model = torchvision.models.get_model(name, weights=None, **kwargs)
         except Exception as exc:
             raise GradcamError(f"model '{name}' with model_kwargs {kwargs!r}: {type(exc).__name__}: {exc}") from None
         if spec.lower() != "none":
-            _load_checkpoint(model, Path(spec))
-            return model, None, str(spec)
-        return model, None, "none"
+            return model, None, str(spec), _load_checkpoint(model, Path(spec))
+        return model, None, "none", _wake_zero_heads(model, name)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(member.url)
     try:
         model = torchvision.models.get_model(name, weights=member, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise GradcamError(f"model '{name}' with weights {member.name}: {_first_line(exc)}") from None
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise GradcamError(
             f"weights {type(member).__name__}.{member.name} are not in the torch hub cache ({cached}) and could not "
-            f"be downloaded ({reason}); download that file there or pass --weights PATH"
+            f"be downloaded ({_first_line(exc)[:160]}); download that file there or pass --weights PATH"
         ) from None
-    return model, member, f"{type(member).__name__}.{member.name}"
+    return model, member, f"{type(member).__name__}.{member.name}", []
 
 
-def _input_spec(settings: Settings, member: Any, default_enum: Any) -> InputSpec:
+def _wake_zero_heads(model: nn.Module, name: str) -> list[str]:
+    """Give all-zero Linear layers (torchvision's ViT heads) a small seeded random init.
+
+    A zero head makes every class score 0 whatever the image, so every gradient and every map would be empty:
+    random weights are for trying the tool out, and an all-zero explanation explains nothing.
+    """
+    woken = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not module.weight.detach().any():
+            with torch.no_grad():
+                module.weight.normal_(0.0, 0.01)  # from the RNG `seed` set before construction: reproducible
+            woken.append(module_name)
+    if not woken:
+        return []
+    return [
+        f"--weights none: torchvision initialises {', '.join(woken)} of {name} to zero, which would make every "
+        "class score 0 and every map empty; gave it a random N(0, 0.01) init instead (seeded like the rest)"
+    ]
+
+
+def _fixed_size(model: nn.Module) -> tuple[int, int] | None:
+    """The input size an architecture was built for, when it accepts no other (torchvision's ViT)."""
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int) and not isinstance(size, bool):
+        return (size, size)
+    return None
+
+
+def _model_cfg(model: nn.Module) -> Mapping[str, Any]:
+    """timm-style preprocessing metadata (`pretrained_cfg` or `default_cfg`), or {}."""
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, Mapping):
+            return cfg
+    return {}
+
+
+def _input_spec(settings: Settings, member: Any, default_enum: Any, model: nn.Module) -> InputSpec:
     size = settings.input_size
     resize = None
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     source = member if member is not None else default_enum
+    fixed = _fixed_size(model)
+    cfg = _model_cfg(model) if source is None else {}
     if source is not None:
         tf = source.transforms()
         crop = tf.crop_size[0] if hasattr(tf, "crop_size") else 224
         resize = tf.resize_size[0] if hasattr(tf, "resize_size") else None
         mean = tuple(getattr(tf, "mean", mean))  # type: ignore[assignment]
         std = tuple(getattr(tf, "std", std))  # type: ignore[assignment]
+        if member is None and fixed is not None and fixed[0] != crop:
+            crop, resize = fixed[0], None  # random weights: the architecture's size, not the default weights'
         size = size or (crop, crop)
-    size = size or (224, 224)
+    elif cfg:
+        shape = cfg.get("input_size")
+        if isinstance(shape, (tuple, list)) and len(shape) == 3 and all(isinstance(v, int) for v in shape):
+            size = size or (int(shape[1]), int(shape[2]))
+            crop_pct = cfg.get("crop_pct")
+            if isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1 and settings.input_size is None:
+                resize = int(round(min(size) / crop_pct))
+        for key in ("mean", "std"):
+            value = cfg.get(key)
+            if isinstance(value, (tuple, list)) and len(value) == 3:
+                if key == "mean":
+                    mean = tuple(float(v) for v in value)  # type: ignore[assignment]
+                else:
+                    std = tuple(float(v) for v in value)  # type: ignore[assignment]
+    size = size or fixed or (224, 224)
+    if fixed is not None and size != fixed:
+        raise GradcamError(
+            f"config key 'input_size': the model takes exactly {fixed[0]}x{fixed[1]} inputs, got {size[0]}x{size[1]}"
+        )
     if resize is None or settings.input_size is not None:
         resize = int(round(min(size) / 0.875))
     return InputSpec(
@@ -214,14 +391,59 @@ def _input_spec(settings: Settings, member: Any, default_enum: Any) -> InputSpec
 
 
 def _num_outputs(model: nn.Module) -> int | None:
-    """Classes of the last Linear layer, when there is one (used to default the labels)."""
+    """Classes of the classifier: the last Linear or 1x1 Conv2d registered (used to default the labels)."""
     last = None
     for module in model.modules():
         if isinstance(module, nn.Linear):
             last = module.out_features
         elif isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
-            last = module.out_channels if last is None else last
+            last = module.out_channels
     return last
+
+
+def _not_a_classifier(name: str) -> str | None:
+    """Why a torchvision name that is not in the classification zoo cannot be explained, if it is one."""
+    import torchvision
+
+    if name.startswith("quantized_") or name in torchvision.models.list_models(module=torchvision.models.quantization):
+        base = name.removeprefix("quantized_")
+        return (
+            f"model '{name}' is a quantized (int8) model: its integer kernels have no gradients, so Grad-CAM "
+            f"cannot run on it; explain the float model '{base}' instead (same architecture)"
+        )
+    for kind in ("detection", "segmentation", "video", "optical_flow"):
+        module = getattr(torchvision.models, kind, None)
+        if module is not None and name in torchvision.models.list_models(module=module):
+            return (
+                f"model '{name}' is a torchvision {kind.replace('_', ' ')} model; gradcam explains image "
+                "classifiers (`gradcam models` lists them; any other model works as package.module:callable)"
+            )
+    return None
+
+
+def _factory_model(name: str, settings: Settings) -> tuple[nn.Module, str, list[str]]:
+    factory = _import_factory(name)
+    kwargs = dict(settings.model_kwargs)
+    if settings.num_classes is not None:
+        if kwargs.get("num_classes", settings.num_classes) != settings.num_classes:
+            raise GradcamError(
+                f"config key 'num_classes' is {settings.num_classes} but model_kwargs sets num_classes "
+                f"{kwargs['num_classes']}; keep one"
+            )
+        kwargs["num_classes"] = settings.num_classes
+    try:
+        model = factory(**kwargs)
+    except GradcamError:
+        raise
+    except Exception as exc:  # whatever a user's factory raises for the kwargs it was given
+        raise GradcamError(
+            f"model '{name}': calling the factory with model_kwargs {kwargs!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise GradcamError(f"model '{name}': the factory returned {type(model).__name__}, not a torch nn.Module")
+    weights = settings.weights or "none"
+    notes = _load_checkpoint(model, Path(weights)) if weights.lower() != "none" else []
+    return model, weights, notes
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -229,30 +451,18 @@ def load_model(settings: Settings) -> LoadedModel:
     name = settings.model
     if not name:
         raise GradcamError("no model given: pass --model NAME (a torchvision model or package.module:callable)")
-    default_enum = None
+    default_enum = member = None
     # random init (`--weights none`, layers a checkpoint does not cover) is the same in every run
     torch.manual_seed(settings.seed)
     if ":" in name:
-        factory = _import_factory(name)
-        try:
-            model = factory(**dict(settings.model_kwargs))
-        except GradcamError:
-            raise
-        except Exception as exc:  # whatever a user's factory raises for the kwargs it was given
-            raise GradcamError(
-                f"model '{name}': calling the factory with model_kwargs {dict(settings.model_kwargs)!r} failed: "
-                f"{type(exc).__name__}: {exc}"
-            ) from None
-        if not isinstance(model, nn.Module):
-            raise GradcamError(f"model '{name}': the factory returned {type(model).__name__}, not a torch nn.Module")
-        weights = settings.weights or "none"
-        member = None
-        if weights.lower() != "none":
-            _load_checkpoint(model, Path(weights))
+        model, weights, notes = _factory_model(name, settings)
         labels = list(getattr(model, "class_names", []) or [])
     else:
         names = classification_model_names()
         if name not in names:
+            reason = _not_a_classifier(name)
+            if reason:
+                raise GradcamError(reason)
             near = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
             hint = f"; did you mean {', '.join(near)}?" if near else "; `gradcam models` lists them"
             raise GradcamError(f"unknown model '{name}'{hint}")
@@ -262,16 +472,23 @@ def load_model(settings: Settings) -> LoadedModel:
             default_enum = torchvision.models.get_model_weights(name).DEFAULT
         except (ValueError, KeyError, AttributeError):
             default_enum = None
-        model, member, weights = _torchvision_model(name, settings.weights or "DEFAULT", settings.model_kwargs)
+        model, member, weights, notes = _torchvision_model(name, settings)
         labels = list(member.meta.get("categories") or []) if member is not None else []
+    classes = settings.num_classes or _num_outputs(model)
     if settings.labels:
         labels = read_labels(settings.labels)
-    elif not labels and _num_outputs(model) == 1000:
+        if classes is not None and len(labels) != classes:
+            message = (
+                f"config key 'labels': {settings.labels} has {len(labels)} names but the model has {classes} classes"
+            )
+            if settings.num_classes is not None:
+                raise GradcamError(message)
+            notes.append(message + "; classes without a name are shown by index")
+    elif not labels and classes == 1000:
         labels = imagenet_labels()
     model.eval()
-    return LoadedModel(
-        model=model, name=name, weights=weights, spec=_input_spec(settings, member, default_enum), labels=labels
-    )
+    spec = _input_spec(settings, member, default_enum, model)
+    return LoadedModel(model=model, name=name, weights=weights, spec=spec, labels=labels, notes=notes)
 
 
 def label_of(labels: Sequence[str], index: int) -> str:

@@ -214,7 +214,7 @@ def _explain(
     loaded.model.to(device)
     if settings.channels_last:
         loaded.model.to(memory_format=torch.channels_last)
-    held: list[str] = []  # messages wait until the probe passed: a usage error must be the only line
+    held: list[str] = list(loaded.notes)  # messages wait until the probe passed: a usage error must be the only line
     layers = _select_layers(loaded, settings, device, held.append)
     selector = TargetSelector(settings.targets, loaded.labels)
     method = METHODS[settings.method]
@@ -236,6 +236,7 @@ def _explain(
                     "nothing to localise; choose an earlier layer or a larger input_size (see `gradcam layers MODEL`)"
                 )
         world.agree(None)
+        held += [f"layer {n}: {layout.describe()}" for n, layout in engine.layouts.items() if layout.kind != "nchw"]
         for message in held:
             log(message)
         summary = _stream(plan, engine, progress, on_start, log, world)
