@@ -320,22 +320,42 @@ def report(
 
 
 @main.command()
+@click.argument("pattern", required=False)
 @_guarded
-def models() -> None:
-    """List torchvision classification models with their input size and pretrained weights."""
-    import torchvision
+def models(pattern: str | None) -> None:
+    """List torchvision classifiers: input size, auto-detected target layer, family config and weights.
 
-    from gradcam_cli.models import classification_model_names
+    PATTERN filters the names (a substring, or a glob such as 'vit_*'). The list is a table generated from
+    torchvision, so it answers without importing torch; `gradcam layers MODEL` traces the real model.
+    """
+    import fnmatch
 
-    click.echo(f"{'model':<28} {'input':>7}  weights")
-    for name in classification_model_names():
-        try:
-            enum = torchvision.models.get_model_weights(name)
-            size = enum.DEFAULT.transforms().crop_size[0]
-            weights = ", ".join(m for m in enum.__members__ if m != "DEFAULT")
-        except (ValueError, KeyError, AttributeError):
-            size, weights = 224, "-"
-        click.echo(f"{name:<28} {size:>7}  {weights}")
+    from gradcam_cli.catalog import QUANTIZED, TORCHVISION_VERSION, installed_torchvision, zoo
+
+    rows = zoo()
+    if pattern:
+        glob = any(c in pattern for c in "*?[")
+        rows = [m for m in rows if (fnmatch.fnmatch(m.name, pattern) if glob else pattern in m.name)]
+        if not rows:
+            raise GradcamError(f"no torchvision classification model matches '{pattern}' (`gradcam models` lists all)")
+    click.echo(f"{'model':<20} {'input':>5}  {'auto-detected layer':<38} {'config':<27} weights (input size if other)")
+    for m in rows:
+        weights = ", ".join(w if size == m.input_size else f"{w} ({size})" for w, size in m.weights) or "-"
+        config = f"configs/{m.config}" if m.config else "-"
+        click.echo(f"{m.name:<20} {m.input_size:>5}  {m.layer:<38} {config:<27} {weights}")
+    if not pattern:
+        click.echo(
+            f"\n{len(rows)} models. Not listed: the quantized variants ({', '.join(QUANTIZED[:2])}, ...): int8 kernels "
+            "have no gradients, explain the float model of the same architecture instead. Any other model: "
+            "--model package.module:callable."
+        )
+    installed = installed_torchvision()
+    if installed and installed != TORCHVISION_VERSION:
+        click.echo(
+            f"note: this table was generated from torchvision {TORCHVISION_VERSION}; {installed} is installed, so "
+            "names may differ (`gradcam layers MODEL` always traces the installed one)",
+            err=True,
+        )
 
 
 @main.command()
@@ -344,21 +364,29 @@ def models() -> None:
     "-c",
     "--config",
     type=click.Path(exists=True, dir_okay=False, path_type=str),
-    help="YAML config (for model_kwargs, input_size of a factory model).",
+    help="YAML config (for model_kwargs, num_classes, input_size of a factory model).",
 )
 @click.option("--input-size", type=int, help="Dummy input size. [default: the model's]")
-@click.option("--all", "show_all", is_flag=True, help="Also list modules with non-spatial outputs.")
+@click.option("--all", "show_all", is_flag=True, help="Also list modules without a spatial output.")
 @_guarded
 def layers(model: str, config: str | None, input_size: int | None, show_all: bool) -> None:
-    """Print MODEL's modules with their output shapes for a dummy input; '*' marks candidate target layers."""
+    """Print MODEL's modules with their output shapes for a dummy input; '*' marks candidate target layers.
+
+    Token sequences (ViT) and channels-last maps (Swin) count as spatial: the line says which grid they are
+    reshaped to. A module that runs more than once cannot be a target (its hook would see several outputs).
+    """
     settings = load_settings(config, model=model, weights="none", input_size=input_size)
-    from gradcam_cli.layers import auto_detect_layer, trace_layers
+    from gradcam_cli.catalog import family_config
+    from gradcam_cli.layers import inspect_layers
     from gradcam_cli.models import load_model
 
     loaded = load_model(settings)
-    infos = trace_layers(loaded.model, loaded.spec.size)
-    pick = auto_detect_layer(loaded.model, loaded.spec.size)
-    click.echo(f"{loaded.name}: input 3x{loaded.spec.size[0]}x{loaded.spec.size[1]}; auto-detected layer: {pick}")
+    infos, pick = inspect_layers(loaded.model, loaded.spec.size)
+    family = family_config(model) if ":" not in model else None
+    shown_config = f"; family config: configs/{family}" if family else ""
+    click.echo(
+        f"{loaded.name}: input 3x{loaded.spec.size[0]}x{loaded.spec.size[1]}; auto-detected layer: {pick}{shown_config}"
+    )
     click.echo("  '*' = spatial output, usable as --layer; '>' = the auto-detected one")
     for info in infos:
         if not show_all and not info.spatial:
@@ -367,7 +395,10 @@ def layers(model: str, config: str | None, input_size: int | None, show_all: boo
         shape = "x".join(str(s) for s in info.shape[1:]) if info.shape else "-"
         depth = info.name.count(".")
         calls = f"  (called {info.calls}x)" if info.calls > 1 else ""
-        click.echo(f"{mark} {'  ' * depth}{info.name:<{max(1, 40 - 2 * depth)}} {info.type_name:<24} {shape}{calls}")
+        layout = f"  [{info.layout.describe()}]" if info.layout and info.layout.kind != "nchw" and info.spatial else ""
+        click.echo(
+            f"{mark} {'  ' * depth}{info.name:<{max(1, 40 - 2 * depth)}} {info.type_name:<24} {shape}{calls}{layout}"
+        )
 
 
 if __name__ == "__main__":
