@@ -107,12 +107,10 @@ class CamEngine:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: object, output: object) -> Tensor:
-            layout = (
-                infer_layout(tuple(output.shape), self._input_hw, self._hint, strict=False)
-                if isinstance(output, Tensor)
-                else None
-            )
-            if layout is None:
+            layout = None
+            if isinstance(output, Tensor):
+                layout = infer_layout(tuple(output.shape), self._input_hw, self._hint, strict=False)
+            if layout is None or not isinstance(output, Tensor):
                 shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
                 raise GradcamError(
                     f"layer '{name}' outputs {shape}, not a spatial map ((B, C, h, w), (B, h, w, C) or tokens on a "

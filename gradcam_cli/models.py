@@ -125,7 +125,8 @@ def _strip_prefixes(state: dict[str, Any], expected: set[str], notes: list[str],
     renamed: dict[str, Any] = {}
     counts: dict[str, int] = {}
     for key, value in state.items():
-        name, dropped = key, []
+        name = key
+        dropped: list[str] = []
         while name not in expected:
             prefix = next((p for p in KEY_PREFIXES if name.startswith(p)), None)
             if prefix is None:

@@ -46,6 +46,12 @@ SIZES = {
     "vit_l_32": 128,
     "vit_h_14": 56,
 }
+# Random weights can give an all-negative map, empty after Grad-CAM's ReLU: CNNs whose head is a linear
+# read-out of the pooled map cannot (the top class's map sums to its positive score minus the bias), but a
+# ViT's head reads the class token several non-linear steps after the explained layer. Measured on this photo,
+# vit_b_16 at 64 px with seeds 0-11: 2 of 12 maps empty (seeds 0 and 7), the others 2 to 16 of 16 cells
+# positive. So vit_b_16 runs with seed 1; the reshape itself is checked numerically in test_layouts.py.
+SEEDS = {"vit_b_16": 1}
 # the biggest constructions (random init of 300M+ parameters dominates); they run in CI all the same
 SLOW = {"vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32"}
 
@@ -70,8 +76,7 @@ def built(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, str], torch.nn.Mod
 
     def get_model(name: str, **kwargs: Any) -> torch.nn.Module:
         key = (name, repr(sorted(kwargs.items())))
-        if key not in cache:
-            torch.manual_seed(0)
+        if key not in cache:  # load_model seeds torch (config key `seed`) before it asks for the model
             cache[key] = real(name, **kwargs)
         return cache[key]
 
@@ -85,7 +90,7 @@ def _explain(photo: Path, out: Path, name: str, layers: list[str]) -> dict[str, 
     size = SIZES.get(name, DEFAULT_SIZE)
     settings = load_settings(
         config, model=name, weights="none", input_size=size, workers=0, save="heatmap,npy", quiet=True
-    ).replace(target_layers=layers)
+    ).replace(target_layers=layers, seed=SEEDS.get(name, 0))
     summary = explain([photo], out, settings)
     assert (summary.ok, summary.errors) == (1, 0), f"{name}: {summary}"
     with open(out / "predictions.csv", newline="", encoding="utf-8") as fh:
@@ -111,7 +116,7 @@ def test_zoo_model_explains_at_auto_and_family_layer(
     name: str, photo: Path, tmp_path: Path, built: dict[tuple[str, str], torch.nn.Module]
 ) -> None:
     size = SIZES.get(name, DEFAULT_SIZE)
-    loaded = load_model(load_settings(None, model=name, weights="none", input_size=size))
+    loaded = load_model(load_settings(None, model=name, weights="none", input_size=size, seed=SEEDS.get(name, 0)))
     auto = auto_detect_layer(loaded.model, loaded.spec.size)
     assert auto == MODELS[name][1], f"{name}: auto-detected {auto}, `gradcam models` says {MODELS[name][1]}"
 
