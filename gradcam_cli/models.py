@@ -241,8 +241,8 @@ def _weights_member(name: str, spec: str) -> Any:
     raise GradcamError(f"--weights {spec}: not a path, 'none', 'DEFAULT' or one of {name}'s weights: {choices}")
 
 
-def _torchvision_kwargs(name: str, settings: Settings, member: Any) -> dict[str, Any]:
-    """model_kwargs plus what num_classes and input_size imply for this builder, checked against the weights."""
+def _kwargs_with_num_classes(settings: Settings) -> dict[str, Any]:
+    """model_kwargs with the `num_classes` key folded in (both builders and factories take it as a keyword)."""
     kwargs = dict(settings.model_kwargs)
     if settings.num_classes is not None:
         if kwargs.get("num_classes", settings.num_classes) != settings.num_classes:
@@ -250,13 +250,23 @@ def _torchvision_kwargs(name: str, settings: Settings, member: Any) -> dict[str,
                 f"config key 'num_classes' is {settings.num_classes} but model_kwargs sets num_classes "
                 f"{kwargs['num_classes']}; keep one"
             )
-        if member is not None and settings.num_classes != len(member.meta["categories"]):
-            raise GradcamError(
-                f"config key 'num_classes': {type(member).__name__}.{member.name} has "
-                f"{len(member.meta['categories'])} classes, not {settings.num_classes}; for a fine-tuned model "
-                "pass its checkpoint with --weights PATH"
-            )
         kwargs["num_classes"] = settings.num_classes
+    return kwargs
+
+
+def _torchvision_kwargs(name: str, settings: Settings, member: Any) -> dict[str, Any]:
+    """model_kwargs plus what num_classes and input_size imply for this builder, checked against the weights."""
+    kwargs = _kwargs_with_num_classes(settings)
+    if (
+        settings.num_classes is not None
+        and member is not None
+        and settings.num_classes != len(member.meta["categories"])
+    ):
+        raise GradcamError(
+            f"config key 'num_classes': {type(member).__name__}.{member.name} has "
+            f"{len(member.meta['categories'])} classes, not {settings.num_classes}; for a fine-tuned model "
+            "pass its checkpoint with --weights PATH"
+        )
     size_kw = _size_kwarg(name)
     if size_kw and settings.input_size is not None and size_kw not in kwargs:
         height, width = settings.input_size
@@ -423,15 +433,9 @@ def _not_a_classifier(name: str) -> str | None:
 
 
 def _factory_model(name: str, settings: Settings) -> tuple[nn.Module, str, list[str]]:
+    """Call a `module:callable` factory with model_kwargs (+ num_classes) and load its checkpoint, if any."""
     factory = _import_factory(name)
-    kwargs = dict(settings.model_kwargs)
-    if settings.num_classes is not None:
-        if kwargs.get("num_classes", settings.num_classes) != settings.num_classes:
-            raise GradcamError(
-                f"config key 'num_classes' is {settings.num_classes} but model_kwargs sets num_classes "
-                f"{kwargs['num_classes']}; keep one"
-            )
-        kwargs["num_classes"] = settings.num_classes
+    kwargs = _kwargs_with_num_classes(settings)
     try:
         model = factory(**kwargs)
     except GradcamError:

@@ -23,6 +23,7 @@ from gradcam_cli import load_settings
 from gradcam_cli.catalog import FAMILY_CONFIGS, MODELS, QUANTIZED, TORCHVISION_VERSION, family_config, zoo
 from gradcam_cli.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 START_UP_LIMIT_S = 2.0  # the target is < 1 s; generous for a loaded CI machine
 

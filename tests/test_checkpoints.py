@@ -29,11 +29,14 @@ from gradcam_cli.pipeline import explain
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+MODEL = "shufflenet_v2_x0_5"  # small (1.4M parameters) but real: BatchNorm buffers and an `fc` head
+
+
 @pytest.fixture(scope="module")
 def trained() -> nn.Module:
-    """A resnet18 with weights that differ from any fresh random init: the 'fine-tuned' model we save."""
+    """A model with weights that differ from any fresh random init: the 'fine-tuned' model we save."""
     torch.manual_seed(123)
-    model = torchvision.models.resnet18(weights=None)
+    model = torchvision.models.get_model(MODEL, weights=None)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
@@ -50,7 +53,7 @@ def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 
 
 def load(path: Path, **extra: Any) -> Any:
-    return load_model(load_settings(None, model="resnet18", weights=str(path), **extra))
+    return load_model(load_settings(None, model=MODEL, weights=str(path), **extra))
 
 
 def assert_same_weights(model: nn.Module, reference: nn.Module) -> None:
@@ -111,7 +114,7 @@ def test_missing_batchnorm_counters_are_tolerated(trained: nn.Module, tmp_path: 
 def test_cli_reports_the_stripped_prefix(trained: nn.Module, tmp_path: Path, make_image: Callable[..., Path]) -> None:
     ckpt = save(prefixed(trained.state_dict(), "module."), tmp_path / "dp.pt")
     make_image(tmp_path / "in" / "a.png")
-    args = ["explain", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "resnet18"]
+    args = ["explain", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", MODEL]
     result = CliRunner().invoke(main, [*args, "--weights", str(ckpt), "--workers", "0", "--save", "heatmap"])
     assert result.exit_code == 0, result.output
     assert f"stripped the 'module.' prefix from {len(trained.state_dict())} keys" in result.stderr
@@ -151,12 +154,12 @@ def test_prefix_is_not_stripped_when_it_does_not_help(trained: nn.Module, tmp_pa
 
 def test_fine_tuned_head_suggests_num_classes_and_then_loads(tmp_path: Path) -> None:
     torch.manual_seed(5)
-    tuned = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    tuned = torchvision.models.get_model(MODEL, weights=None, num_classes=10).eval()
     ckpt = save({"state_dict": tuned.state_dict()}, tmp_path / "tuned.pt")
     with pytest.raises(GradcamError) as exc:
         load(ckpt)
     message = one_line_error(exc)
-    assert "fc.weight (checkpoint 10x512, model 1000x512)" in message
+    assert "fc.weight (checkpoint 10x1024, model 1000x1024)" in message
     assert "set num_classes: 10" in message
 
     labels = tmp_path / "labels.txt"
@@ -226,7 +229,7 @@ def test_explain_with_a_checkpoint_end_to_end(trained: nn.Module, tmp_path: Path
     ckpt = save({"model": prefixed(trained.state_dict(), "module.")}, tmp_path / "ckpt.pth")
     make_image(tmp_path / "in" / "x.jpg")
     messages: list[str] = []
-    settings = load_settings(None, model="resnet18", weights=str(ckpt), workers=0, input_size=64, save="heatmap")
+    settings = load_settings(None, model=MODEL, weights=str(ckpt), workers=0, input_size=64, save="heatmap")
     summary = explain([tmp_path / "in"], tmp_path / "out", settings, log=messages.append)
     assert summary.ok == 1
     assert any("'model' entry" in m for m in messages) and any("'module.' prefix" in m for m in messages)
