@@ -198,3 +198,13 @@ def test_layers_of_a_quantized_model_exits_2() -> None:
     result = invoke("layers", "quantized_resnet18")
     assert result.exit_code == 2
     assert re.match(r"Error: model 'quantized_resnet18' is a quantized \(int8\) model", result.stderr)
+
+
+def test_models_warns_when_the_installed_torchvision_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradcam_cli.catalog as catalog
+
+    monkeypatch.setattr(catalog, "installed_torchvision", lambda: "9.9.9")
+    result = invoke("models", "resnet18")
+    assert result.exit_code == 0
+    assert f"generated from torchvision {TORCHVISION_VERSION}; 9.9.9 is installed" in result.stderr
+    assert invoke("models", "resnet18").stdout.splitlines()[1].split()[0] == "resnet18"

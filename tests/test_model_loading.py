@@ -348,3 +348,19 @@ def test_quantized_model_through_the_cli_exits_2(tmp_path: Path, make_image: Cal
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: model 'quantized_resnet50' is a quantized (int8) model")
     assert not (tmp_path / "out").exists()
+
+
+def test_vit_through_the_cli_says_how_it_read_the_tokens(tmp_path: Path, make_image: Callable[..., Path]) -> None:
+    make_image(tmp_path / "in" / "a.png")
+    config = tmp_path / "vit.yaml"
+    config.write_text("model: vit_b_16\nweights: none\ninput_size: 64\nworkers: 0\nsave: [heatmap, npy]\n")
+    result = CliRunner().invoke(main, ["explain", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-c", str(config)])
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert "target layer: encoder.layers.encoder_layer_11.ln_1 (auto-detected" in err
+    assert (
+        "layer encoder.layers.encoder_layer_11.ln_1: tokens as a 4x4 grid, first 1 token (class/prefix) dropped" in err
+    )
+    assert "initialises heads.head of vit_b_16 to zero" in err
+    (cam,) = npy_maps(tmp_path / "out")
+    assert cam.shape == (4, 4)

@@ -91,6 +91,7 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "std": [[1, 1, 1], [0.2, 0.3, 0.4], [1e-300, 1, 1]],
     "labels": ["labels.txt", "missing-labels.txt"],
     "model_kwargs": [{}, None, {"num_classes": 3}],
+    "num_classes": [None, 2, 3],
     "limit": [1, 2, 100],
     "quiet": [True, False],
     "max_pixels": [1, 900, 10**9],
