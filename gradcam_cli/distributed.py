@@ -33,6 +33,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 import zlib
@@ -132,7 +133,13 @@ class World:
 
     @classmethod
     def from_env(cls, timeout: float = DEFAULT_TIMEOUT_S) -> World:
+        """torchrun's variables; or, for the Python API inside a job that initialised torch.distributed itself
+        (without them), that process group's rank and size."""
         size = env_world_size()
+        dist = sys.modules.get("torch.distributed")  # not imported: nobody can have initialised it
+        if "WORLD_SIZE" not in os.environ and dist is not None and dist.is_available() and dist.is_initialized():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+            return cls(dist.get_rank(), dist.get_world_size(), local_rank, timeout)
         if size <= 1:
             return cls(timeout=timeout)
         try:
@@ -439,6 +446,7 @@ class World:
                 self.broadcast("outcome", {"exit_code": exit_code_of(exc), "message": one_line(exc)})
                 raise
             self.broadcast("outcome", outcome)
+            self._ignore_sigterm()  # merged and recorded: a rank that now exits with its own error stops nothing
             staying = [r for r, v in reports.items() if r != 0 and v and (v["status"] == "complete" or v.get("waits"))]
             self._wait({r: f"bye/{r}" for r in staying}, "goodbyes")
             return outcome
@@ -450,6 +458,11 @@ class World:
         """A rank other than 0 has read the outcome: rank 0 reports it from here on. Say goodbye, and let a
         SIGTERM from here to the exit (rank 0 leaving) end nothing that matters."""
         self._put(f"bye/{self.rank}", True)
+        self._ignore_sigterm()
+
+    def _ignore_sigterm(self) -> None:
+        """From here to leaving `joined`, a SIGTERM (torchrun stopping every rank because one exited non-zero)
+        would only cut short a rank that has nothing left to lose but its last line on the terminal."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
