@@ -496,10 +496,22 @@ def _finish_ranks(
     out_dir, order = plan.out, [csv_text(f.rel) for f in all_files]
     confident = plan.settings.only_below is not None
 
+    concluding = False
+
     def finish(reports: dict[int, Any]) -> dict[str, Any]:
+        nonlocal concluding
+        concluding = True
         return conclude(world, out_dir, manifest, reports, order, start, skipped, plan.columns, confident)
 
-    outcome = world.finish(report, finish)
+    try:
+        outcome = world.finish(report, finish)
+    except BaseException as exc:
+        if world.rank == 0 and not concluding:  # stopped while waiting for the others: nothing merged yet
+            world.stopped(report, exc)
+            manifest.update(status="interrupted", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            manifest.update(ranks=[report], note=STOPPED_NOTE)
+            write_manifest(out_dir / "run.json", manifest)
+        raise
     if outcome["exit_code"] not in (0, 1):
         raise RunStopped(outcome["message"], outcome["exit_code"], quiet=world.rank != 0)
     totals = outcome["summary"]

@@ -116,6 +116,17 @@ def test_world_size_without_rank_is_a_usage_error(monkeypatch: pytest.MonkeyPatc
     assert "RANK/LOCAL_RANK are missing" in result.stderr and "Traceback" not in result.output
 
 
+def test_a_process_group_the_caller_initialised_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python API inside the caller's own distributed job (no torchrun variables): its rank and size."""
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    world = World.from_env()
+    assert (world.rank, world.size, world.csv_name) == (1, 4, "predictions.rank1.csv")
+
+
 def test_cuda_means_the_local_rank_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     chosen: list[int] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -264,6 +275,37 @@ def test_the_outcome_reaches_every_rank(store: Any) -> None:
         rank1.detach()
     assert seen == {0: {"ok": 2, "status": "complete"}, 1: {"ok": 3, "status": "complete"}}
     assert outcome == box["value"] == {"exit_code": 1, "total": 5}
+
+
+def test_a_rank_with_an_error_of_its_own_waits_for_the_merge(store: Any) -> None:
+    """A rank that fails by itself (not stopped from outside) reports, and exits only once rank 0 has merged:
+    torchrun would otherwise stop rank 0 the moment the failing rank exits."""
+    rank0 = World(rank=0, size=2, timeout=5)
+    rank0.attach(store)
+    rank1 = World(rank=1, size=2, timeout=5)
+    rank1.attach(_peer(store))
+    events: list[str] = []
+
+    def conclude(reports: dict[int, Any]) -> dict[str, Any]:
+        assert reports[1]["status"] == "interrupted" and reports[1]["waits"] is True
+        time.sleep(0.5)  # the merge
+        events.append("merged")
+        return {"exit_code": 4, "message": "rank 1 stopped"}
+
+    def fail() -> None:
+        rank1.stopped({"rank": 1, "status": "interrupted"}, OSError("No space left on device"))
+        events.append("rank 1 leaves")
+
+    try:
+        thread, box = _in_thread(fail)
+        outcome = rank0.finish({"rank": 0, "status": "complete"}, conclude)
+        events.append("rank 0 leaves")
+        thread.join(10)
+    finally:
+        rank0.detach()
+        rank1.detach()
+    assert "error" not in box and outcome["exit_code"] == 4
+    assert events[0] == "merged" and sorted(events[1:]) == ["rank 0 leaves", "rank 1 leaves"]
 
 
 # --- merging rank CSVs ------------------------------------------------------------------------------------
@@ -513,20 +555,53 @@ def test_a_killed_rank_does_not_hang_the_others_and_resume_completes(
     assert run["counts"]["missing"] == 25 - len(paths) > 0
     assert [r["status"] for r in run["ranks"]] == ["complete", "lost"]
 
-    # --resume, now with two ranks on one node: explains only what is missing, and the set is complete
+    # --resume, here with one process: explains only what is missing, and the set is complete
     before_ok = {r["path"] for r in rows if r["status"] == "ok"}
+    summary = explain([dist_inputs], out, load_settings(dist_config, resume=True, quiet=True))
+    assert (summary.ok, summary.errors, summary.skipped) == (24, 1, len(before_ok))
+    _assert_same_set(out, reference)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_under_torchrun_stops_the_others_cleanly_and_resume_completes(
+    dist_inputs: Path, dist_config: Path, reference: Path, tmp_path: Path
+) -> None:
+    """One node: when rank 1 dies, torchrun stops rank 0 with SIGTERM. Rank 0 stops cleanly (its batches kept,
+    run.json 'interrupted', one line); nothing is merged, the rank CSVs stay; --resume with 2 ranks merges
+    them and explains only what is missing."""
+    out = tmp_path / "out"
     launcher = ["--standalone", "--nproc-per-node", "2"]
-    proc = _run(_torchrun(launcher, [dist_inputs, "-o", out, *args, "--resume"]), _env())
+    args: list[str | Path] = [dist_inputs, "-o", out, "-c", dist_config]
+    proc = _run(_torchrun(launcher, args), _env(GRADCAM_TEST_KILL_RANK="1", GRADCAM_TEST_KILL_AT="5"))
+    assert proc.returncode == 1 and -9 in _rank_exit_codes(proc.stderr), proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: [rank 0/2] stopped by SIGTERM"), proc.stderr[-3000:]
+    assert "--resume" in errors[0]
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert run["status"] == "interrupted" and "predictions.rank<k>.csv" in run["note"]
+    ref_rows = _csv_rows(reference)
+    ref_paths = [r["path"] for r in ref_rows]
+    columns = (*CSV_COLUMNS, "avg_drop", "increase")
+    assert read_rows(out / "predictions.csv", columns) == []  # nothing merged
+    done = []
+    for k in (0, 1):  # each rank CSV holds a leading part of that rank's share, rows as in one process
+        rows = read_rows(out / rank_csv_name(k), columns)
+        share = shard(ref_paths, k, 2, BATCH)
+        assert [r[0] for r in rows] == share[: len(rows)]
+        done += [r[0] for r in rows if r[1] == "ok"]
+    assert len(done) < 24
+
+    proc = _run(_torchrun(launcher, [*args, "--resume"]), _env())
     assert proc.returncode == 1 and _rank_exit_codes(proc.stderr) == [1], proc.stderr[-3000:]  # broken.jpg
     summaries = _summary_lines(proc.stderr)
-    assert len(summaries) == 1 and f"24 ok ({len(before_ok)} already done), 1 failed of 25" in summaries[0], (
-        proc.stderr[-3000:]
-    )
+    assert len(summaries) == 1 and f"24 ok ({len(done)} already done), 1 failed of 25" in summaries[0], proc.stderr[
+        -3000:
+    ]
     _assert_same_set(out, reference)
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run["status"] == "complete" and run["counts"] == {"images": 25, "ok": 24, "error": 1, "missing": 0}
-    assert run["resume"] == {"skipped": len(before_ok)}
-    assert sum(r["images"] for r in run["ranks"]) == 25 - len(before_ok)  # error rows are tried again
+    assert run["resume"] == {"skipped": len(done)}
+    assert sum(r["images"] for r in run["ranks"]) == 25 - len(done)  # error rows are tried again
 
 
 def _assert_same_set(out: Path, reference: Path) -> None:
