@@ -129,6 +129,7 @@ class World:
         self._stop = threading.Event()
         self._heart: threading.Thread | None = None
         self._agreed = False
+        self._ignoring = False
         self.stop_reason: str | None = None
 
     @classmethod
@@ -201,7 +202,11 @@ class World:
 
     @contextmanager
     def joined(self, device_spec: str) -> Iterator[World]:
-        """Join the process group for the duration of a run (no-op for one process)."""
+        """Join the process group for the duration of a run (no-op for one process).
+
+        SIGTERM raises `RunStopped` while the run goes on. Once this rank's part is over (rank 0 has its
+        results, or rank 0 has merged), SIGTERM is ignored and stays ignored after leaving: torchrun sends it
+        to every rank as soon as one exits, and a rank that is only exiting must not be reported as killed."""
         if not self.active:
             yield self
             return
@@ -213,7 +218,7 @@ class World:
             yield self
         finally:
             self.detach()
-            if previous is not None:
+            if previous is not None and not self._ignoring:
                 signal.signal(signal.SIGTERM, previous)
             if self._owns_group:
                 import torch.distributed as dist
@@ -461,10 +466,11 @@ class World:
         self._ignore_sigterm()
 
     def _ignore_sigterm(self) -> None:
-        """From here to leaving `joined`, a SIGTERM (torchrun stopping every rank because one exited non-zero)
-        would only cut short a rank that has nothing left to lose but its last line on the terminal."""
+        """From here on, a SIGTERM (torchrun stopping every rank because one exited) could only cut short a rank
+        that has nothing left to do but print and exit: ignore it, also after leaving `joined`."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self._ignoring = True
 
     def stopped(self, report: dict[str, Any], exc: BaseException) -> None:
         """A rank's run ended in an exception. Rank 0 tells the others (the outcome) so nobody waits for a
@@ -637,12 +643,15 @@ def read_rows(path: Path, columns: Sequence[str] | None = None) -> list[list[str
     return list(iter_rows(path, columns))
 
 
-def fold_rank_csvs(out: Path, order: Sequence[str], keep: bool, columns: Sequence[str] | None = None) -> int:
+def fold_rank_csvs(
+    out: Path, order: Callable[[], Sequence[str]], keep: bool, columns: Sequence[str] | None = None
+) -> int:
     """Before a run into OUT: rank CSVs an earlier distributed run left (it stopped before its merge) are merged
-    into predictions.csv when resuming (`keep`), else removed as stale. Returns how many there were."""
+    into predictions.csv when resuming (`keep`; `order()` gives the input order), else removed as stale.
+    Returns how many there were."""
     found = rank_csvs(out)
     if found and keep:
-        merge_csvs(out, order, columns)
+        merge_csvs(out, order(), columns)
     elif found:
         remove_rank_csvs(out)
     return len(found)

@@ -345,22 +345,25 @@ def _stream(
     all_files = plan.files
     resumed = ResumeState()
 
-    def prepare_out() -> list[int]:
+    def prepare_out() -> list[int] | None:
+        """Rank 0 (or the one process), before anybody writes; returns the indexes of the images left to do."""
         nonlocal resumed
         out_dir.mkdir(parents=True, exist_ok=True)
         # rank CSVs an earlier distributed run left (it stopped before its merge): merged in with --resume
-        fold_rank_csvs(out_dir, [csv_text(f.rel) for f in all_files], plan.settings.resume, plan.columns)
+        fold_rank_csvs(out_dir, lambda: [csv_text(f.rel) for f in all_files], plan.settings.resume, plan.columns)
         resumed = _resume_filter(plan, manifest, log or (lambda message: None))
         if world.active:
             manifest["distributed"] = world.describe()
             rewrite_csv(out_dir / "predictions.csv", resumed.kept_rows, plan.columns)  # merged so far
         write_manifest(out_dir / "run.json", manifest)
-        return [i for i, f in enumerate(all_files) if f.rel not in resumed.done] if world.active else []
+        if not world.active or not resumed.done:
+            return None  # all of them
+        return [i for i, f in enumerate(all_files) if f.rel not in resumed.done]
 
     left = world.from_rank0("todo", prepare_out)  # one process: just prepare_out()
     if world.rank != 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        plan.files = [all_files[i] for i in left]
+        plan.files = all_files if left is None else [all_files[i] for i in left]
     plan.files = world.shard(plan.files, plan.settings.batch_size)
     settings, device, files = plan.settings, plan.device, plan.files
     if on_start is not None:

@@ -55,6 +55,14 @@ BATCH = 2
 SIZES = [(64, 48), (48, 64), (80, 60)]
 
 
+@pytest.fixture(autouse=True)
+def _sigterm_as_it_was() -> Any:
+    """A World that finished ignores SIGTERM from then on; the test process (and what it starts) must not."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
 # --- sharding ---------------------------------------------------------------------------------------------
 
 
@@ -274,6 +282,8 @@ def test_the_outcome_reaches_every_rank(store: Any) -> None:
         rank0.detach()
         rank1.detach()
     assert seen == {0: {"ok": 2, "status": "complete"}, 1: {"ok": 3, "status": "complete"}}
+    # rank 0 has merged and only has to print and exit: a SIGTERM (a peer exiting) must not cut it short
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     assert outcome == box["value"] == {"exit_code": 1, "total": 5}
 
 
