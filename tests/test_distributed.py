@@ -628,6 +628,7 @@ def _assert_same_set(out: Path, reference: Path) -> None:
     assert not list(out.glob("predictions.rank*.csv")) and not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_rank_csvs_left_by_a_stopped_run_are_merged_on_resume_or_removed_on_a_fresh_run(
     dist_inputs: Path, dist_config: Path, reference: Path, tmp_path: Path
 ) -> None:
