@@ -16,7 +16,15 @@ import click
 
 from gradcam_cli import __version__
 from gradcam_cli.colormaps import COLORMAP_NAMES
-from gradcam_cli.config import AMP_MODES, BASELINES, METHOD_NAMES, PREPROCESS_MODES, check_audit_settings, load_settings
+from gradcam_cli.config import (
+    AMP_MODES,
+    BASELINES,
+    FUSE_MODES,
+    METHOD_NAMES,
+    PREPROCESS_MODES,
+    check_audit_settings,
+    load_settings,
+)
 from gradcam_cli.distributed import env_rank, env_world_size
 from gradcam_cli.errors import GradcamError, RunStopped
 
@@ -92,14 +100,44 @@ def main() -> None:
     "--layer",
     "target_layers",
     multiple=True,
-    help="Target layer path, e.g. layer4, layer4.-1, layer4[-1] (repeatable). [default: auto-detect]",
+    help="Target layer path, e.g. layer4, layer4.-1, layer4[-1]; MODULE:input for a module's input "
+    "(repeatable). [default: auto-detect]",
 )
-@click.option("--method", type=click.Choice(METHOD_NAMES), help="CAM method. [default: gradcam]")
+@click.option(
+    "--method", type=click.Choice(METHOD_NAMES), help="CAM method (README: when to use which). [default: gradcam]"
+)
 @click.option(
     "--target",
     "targets",
     multiple=True,
-    help="pred, topk:K, a class index or a class name (repeatable). [default: pred]",
+    help="pred, label (the true class, see --truth), topk:K, a class index or a class name (repeatable). "
+    "[default: pred]",
+)
+@click.option(
+    "--fuse",
+    type=click.Choice(FUSE_MODES),
+    help="With several --layer: one map per layer (none) or one fused map, mean or max of the per-layer maps "
+    "normalised and upsampled to the largest layer. [default: none]",
+)
+@click.option(
+    "--counterfactual/--no-counterfactual",
+    default=None,
+    help="Explain the negated score: regions that argue against the class. [default: off]",
+)
+@click.option(
+    "--aug-smooth/--no-aug-smooth",
+    default=None,
+    help="Average the maps over horizontal flips x contrast 0.9/1/1.1 (6 passes). [default: off]",
+)
+@click.option(
+    "--eigen-smooth/--no-eigen-smooth",
+    default=None,
+    help="Replace the channel sum by its first principal component (less noise). [default: off]",
+)
+@click.option(
+    "--chunk-size",
+    type=int,
+    help="Rows per forward pass of scorecam / ablationcam (bounds their memory). [default: 32]",
 )
 @click.option("--batch-size", type=int, help="Images per forward/backward pass. [default: 16]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
@@ -145,7 +183,9 @@ def main() -> None:
 @click.option("--masks", help="Folder of binary PNG masks mirroring the input tree (for pointing/energy).")
 @click.option("--summary/--no-summary", default=None, help="Also write summary.json (as `gradcam audit`).")
 @click.option(
-    "--truth", help="Ground truth for the summary: auto, folders, none, or a CSV of path,label. [default: auto]"
+    "--truth",
+    help="Ground truth (the summary, --target label, the CSV's true_index/true_label/correct): auto, folders, "
+    "none, or a CSV of path,label. [default: auto]",
 )
 @click.option("--worst", type=int, help="Images listed per metric in summary.json's worst lists. [default: 10]")
 @click.option(
@@ -171,9 +211,9 @@ def main() -> None:
 def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any) -> None:
     """Explain every image in INPUTS (files or folders, walked recursively) into OUT.
 
-    Writes heatmaps/, overlays/ (and npy/ when asked), predictions.csv and run.json (and summary.json with
-    --summary or a gate). Exit codes: 0 all images explained, 1 some images failed, 2 usage or config error,
-    3 a --fail-under/--fail-over gate failed (3 wins over 1).
+    Writes heatmaps/, overlays/ (and npy/ when asked; guided/ for the guided methods), predictions.csv and
+    run.json (and summary.json with --summary or a gate). Exit codes: 0 all images explained, 1 some images
+    failed, 2 usage or config error, 3 a --fail-under/--fail-over gate failed (3 wins over 1).
     """
     flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
     for key in ("target_layers", "targets", "fail_under", "fail_over"):

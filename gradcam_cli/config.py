@@ -18,12 +18,27 @@ from typing import Any
 from gradcam_cli.colormaps import COLORMAP_NAMES
 from gradcam_cli.errors import GradcamError
 
-METHOD_NAMES: tuple[str, ...] = ("gradcam",)
+# the --method names; gradcam_cli.methods.METHOD_INFO holds what each needs (kept in sync by a test; no torch here)
+METHOD_NAMES: tuple[str, ...] = (
+    "gradcam",
+    "gradcampp",
+    "xgradcam",
+    "hirescam",
+    "layercam",
+    "eigencam",
+    "eigengradcam",
+    "scorecam",
+    "ablationcam",
+    "cam",
+    "guided-backprop",
+    "guided-gradcam",
+)
+FUSE_MODES: tuple[str, ...] = ("none", "mean", "max")
 SAVE_KINDS: tuple[str, ...] = ("heatmap", "overlay", "npy")
 PREPROCESS_MODES: tuple[str, ...] = ("full", "crop")
 AMP_MODES: tuple[str, ...] = ("none", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-TARGET_PATTERN = re.compile(r"^(pred|topk:[1-9]\d*)$")
+TARGET_PATTERN = re.compile(r"^(pred|label|topk:[1-9]\d*)$")
 # Pillow's own default for Image.MAX_IMAGE_PIXELS (it only warns there and refuses at twice that); we refuse at it
 DEFAULT_MAX_PIXELS = 89_478_485
 MAX_INPUT_SIDE = 4096
@@ -79,6 +94,12 @@ class Settings:
     only_below: float | None = None
     sample_rate: float | None = None
     dist_timeout: float = 120.0
+    # CAM family (issue 4): method options
+    counterfactual: bool = False
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
+    chunk_size: int = 32
+    fuse: str = "none"
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` validated as if they were flags (so the API gets the same checks as the CLI)."""
@@ -148,7 +169,7 @@ def _v_choice(choices: tuple[str, ...]) -> Callable[[str, Any, str], str]:
 def _v_targets(key: str, value: Any, source: str) -> tuple[str, ...]:
     items = _str_list(value)
     if not items:
-        raise _fail(key, source, "'pred', 'topk:K', class indexes or class names", value)
+        raise _fail(key, source, "'pred', 'label', 'topk:K', class indexes or class names", value)
     for item in items:
         if item.lower().startswith("topk") and not TARGET_PATTERN.match(item.lower()):
             raise _fail(key, source, "'topk:K' with K a positive integer", item)
@@ -365,6 +386,11 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "only_below": _v_fraction,
     "sample_rate": _v_fraction,
     "dist_timeout": _v_positive_number,
+    "counterfactual": _v_bool,
+    "aug_smooth": _v_bool,
+    "eigen_smooth": _v_bool,
+    "chunk_size": _v_positive_int,
+    "fuse": _v_choice(FUSE_MODES),
 }
 assert set(VALIDATORS) == {f.name for f in dataclasses.fields(Settings)}
 

@@ -21,20 +21,22 @@ from typing import Any
 import torch
 
 from gradcam_cli import __version__
-from gradcam_cli.audit import prepare_audit
+from gradcam_cli.annotations import LabelResolver
+from gradcam_cli.audit import prepare_audit, resolve_truth
 from gradcam_cli.colormaps import lut as colormap_lut
 from gradcam_cli.config import Settings, check_audit_settings
 from gradcam_cli.data import ImageFile, discover, make_loader
 from gradcam_cli.distributed import World, conclude, fold_rank_csvs, host, one_line
-from gradcam_cli.engine import CamEngine, CamResult
+from gradcam_cli.engine import INPUT_SUFFIX, CamEngine, CamResult
 from gradcam_cli.errors import GradcamError, RunStopped
 from gradcam_cli.evaluate import Evaluator, audit_manifest, in_sample
 from gradcam_cli.layers import auto_detect_layer, resolve_layer
-from gradcam_cli.methods import METHODS
+from gradcam_cli.methods import METHOD_INFO, fused_name
 from gradcam_cli.models import LoadedModel, label_of, load_model
-from gradcam_cli.render import blend, blend_host, heatmap, palette
+from gradcam_cli.render import blend, blend_host, heatmap, palette, render_guided
 from gradcam_cli.resume import ResumeState, csv_text, plan_resume
 from gradcam_cli.sinks import (
+    CAM_COLUMNS,
     CSV_COLUMNS,
     Encoder,
     OutputWriter,
@@ -101,6 +103,8 @@ class TargetSelector:
         for item in targets:
             if item == "pred":
                 self.items.append(("pred", 1))
+            elif item == "label":
+                self.items.append(("label", 1))
             elif item.startswith("topk:"):
                 self.items.append(("topk", int(item.split(":")[1])))
             elif item.isdigit():
@@ -110,15 +114,26 @@ class TargetSelector:
             else:
                 near = difflib.get_close_matches(item, list(labels), n=3)
                 hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-                raise GradcamError(f"--target '{item}': not 'pred', 'topk:K', a class index or a class name{hint}")
+                raise GradcamError(
+                    f"--target '{item}': not 'pred', 'label', 'topk:K', a class index or a class name{hint}"
+                )
         self.slots = sum(k if kind == "topk" else 1 for kind, k in self.items)
+        self.uses_label = any(kind == "label" for kind, _ in self.items)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, truth: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) classes; `truth` (B,) is each image's true class for `label` slots (-1, or None: unknown, so
+        the prediction stands in; such images become error rows)."""
         n, classes = logits.shape
         cols = []
         for kind, k in self.items:
             if kind == "pred":
                 cols.append(logits.argmax(dim=1, keepdim=True))
+            elif kind == "label":
+                pred = logits.argmax(dim=1, keepdim=True)
+                known = truth.view(-1, 1).to(logits.device) if truth is not None else torch.full_like(pred, -1)
+                if bool((known >= classes).any()):
+                    raise GradcamError(f"--target label: a true class index is >= the model's {classes} classes")
+                cols.append(torch.where(known >= 0, known, pred))
             elif kind == "topk":
                 if k > classes:
                     raise GradcamError(f"--target topk:{k}: the model has only {classes} classes")
@@ -141,11 +156,19 @@ def output_suffix(layer: str, target: int, multi_layer: bool, multi_target: bool
 
 def _row_outputs(plan: _Plan, rel: str, row: Any) -> list[str] | None:
     """The output files (relative to OUT) that an `ok` row of `rel` must have; None if it names others."""
-    if row["layer"] not in plan.layers or not row["target_index"].isdigit():
+    names = plan.map_names
+    if row["layer"] not in names or not row["target_index"].isdigit():
         return None
     save = plan.settings.save
-    suffix = output_suffix(row["layer"], int(row["target_index"]), len(plan.layers) > 1, plan.selector.slots > 1)
+    suffix = output_suffix(row["layer"], int(row["target_index"]), len(names) > 1, plan.selector.slots > 1)
     files = []
+    if METHOD_INFO[plan.settings.method].input_grads:  # guided methods: guided/ picture (and raw .npy)
+        guided = output_name("guided", rel, suffix, "png")
+        if row.get("guided", "") != csv_text(guided):
+            return None
+        files.append(guided)
+        if "npy" in save:
+            files.append(output_name("guided", rel, suffix, "npy"))
     for kind, folder, ext, column in (
         ("heatmap", "heatmaps", "png", "heatmap"),
         ("overlay", "overlays", "jpg", "overlay"),
@@ -160,9 +183,16 @@ def _row_outputs(plan: _Plan, rel: str, row: Any) -> list[str] | None:
 
 
 def _select_layers(loaded: LoadedModel, settings: Settings, device: torch.device, log: LogFn) -> dict[str, Any]:
+    if not METHOD_INFO[settings.method].uses_layer:
+        return {}  # guided-backprop explains the input
     if settings.target_layers:
-        resolved = [resolve_layer(loaded.model, spec) for spec in settings.target_layers]
-        return {name: module for name, module in resolved}
+        chosen: dict[str, Any] = {}
+        for spec in settings.target_layers:
+            # `module:input` explains the map a module receives (see engine.INPUT_SUFFIX)
+            is_input = spec.endswith(INPUT_SUFFIX)
+            name, module = resolve_layer(loaded.model, spec[: -len(INPUT_SUFFIX)] if is_input else spec)
+            chosen[name + INPUT_SUFFIX if is_input else name] = module
+        return chosen
     name = auto_detect_layer(loaded.model, loaded.spec.size, device)
     log(f"target layer: {name} (auto-detected: last spatial layer before pooling; set --layer to change)")
     return {name: resolve_layer(loaded.model, name)[1]}
@@ -217,18 +247,35 @@ def _explain(
     held: list[str] = list(loaded.notes)  # messages wait until the probe passed: a usage error must be the only line
     layers = _select_layers(loaded, settings, device, held.append)
     selector = TargetSelector(settings.targets, loaded.labels)
-    method = METHODS[settings.method]
+    engine = CamEngine(
+        loaded.model,
+        layers,
+        settings.method,
+        counterfactual=settings.counterfactual,
+        eigen_smooth=settings.eigen_smooth,
+        aug_smooth=settings.aug_smooth,
+        fuse=settings.fuse,
+        chunk_size=settings.chunk_size,
+    )
     plan = _Plan(list(inputs), out_dir, files, settings, device, loaded, layers, selector)
+    plan.map_names = _map_names(layers, settings)
+    plan.truth_index, plan.truth_why, plan.truth_source = _ground_truth(
+        files, inputs, settings, loaded, selector, held.append
+    )
+    if plan.truth_index is not None:
+        known = sum(i is not None for i in plan.truth_index)
+        held.append(f"ground truth: {plan.truth_source} ({known} of {len(files)} images labelled)")
     # issue 7: metric columns and --only-below (None when not asked), summary.json and gates after the run
     # (--resume may narrow plan.files later: rows are looked up through it, by the loader's index)
     plan.evaluator = Evaluator.create(settings, loaded, [f.rel for f in files], device, lambda i: plan.files[i].rel)
-    plan.columns = CSV_COLUMNS + (plan.evaluator.columns if plan.evaluator is not None else ())
+    plan.columns = CSV_COLUMNS + (plan.evaluator.columns if plan.evaluator is not None else ()) + CAM_COLUMNS
     roots = [str(Path(p).resolve()) for p in inputs]
     audit_plan = prepare_audit(settings, roots, loaded.labels, files) if world.rank == 0 else None  # after the merge
-    with CamEngine(loaded.model, layers, method) as engine:
-        # one dummy image first: a layer without a spatial output or a class index the model does not have
-        # fails here, before OUT is touched (on every rank: they all start, or none does)
-        probe = engine.run(torch.zeros(1, 3, *loaded.spec.size, device=device), selector)
+    with engine:
+        # one dummy image first: a layer without a spatial output, a class index the model does not have, or a
+        # model `cam` cannot explain fails here, before OUT is touched (on every rank: they all start, or none
+        # does; Score-/Ablation-CAM passes are skipped)
+        probe = engine.check(torch.zeros(1, 3, *loaded.spec.size, device=device), selector)
         for name, cams in probe.cams.items():
             if cams.shape[-2] * cams.shape[-1] <= 1:
                 raise GradcamError(
@@ -273,6 +320,89 @@ class _Plan:
     selector: TargetSelector
     evaluator: Evaluator | None = None
     columns: tuple[str, ...] = CSV_COLUMNS  # predictions.csv header: CSV_COLUMNS + the asked metrics' columns
+    # issue 4: the `layer` names of the maps (layers, or one fused map, or `input`), and each file's true class
+    map_names: list[str] = field(default_factory=list)
+    truth_index: list[int | None] | None = None
+    truth_why: list[str] = field(default_factory=list)
+    truth_source: str | None = None
+
+
+def _map_names(layers: dict[str, Any], settings: Settings) -> list[str]:
+    """What the CSV `layer` column says: the layers, `fused(a+b)` with --fuse, `input` for guided-backprop."""
+    if not METHOD_INFO[settings.method].uses_layer:
+        return ["input"]
+    if settings.fuse != "none":
+        return [fused_name(list(layers))]
+    return list(layers)
+
+
+def _ground_truth(
+    files: list[ImageFile],
+    inputs: Sequence[str | Path],
+    settings: Settings,
+    loaded: LoadedModel,
+    selector: Any,
+    log: LogFn,
+) -> tuple[list[int | None] | None, list[str], str | None]:
+    """Each file's true class index (or None, with why) from `truth` (as `gradcam audit` reads it).
+
+    Known ground truth fills the CSV's true_index, true_label and correct. `--target label` needs it: with
+    `truth: auto` and no labels.csv in an input folder, the parent folder names are used (ImageFolder layout),
+    and an image whose label is not a class is an error row. Only `truth: auto` without `--target label` lets a
+    run go on when the labels.csv it found cannot be read (the columns stay empty; a message says why).
+    """
+    roots = [str(Path(p).resolve()) for p in inputs]
+    rels = [f.rel for f in files]
+    if selector.uses_label and settings.truth == "none":
+        raise GradcamError("--target label: needs ground truth, but --truth is none")
+    try:
+        truth = resolve_truth(settings.truth, roots, loaded.labels, rels)
+    except GradcamError as exc:
+        if settings.truth != "auto" or selector.uses_label:
+            raise
+        log(f"ground truth not used (true_index, true_label, correct stay empty): {exc}")
+        return None, [], None
+    if not truth.known and selector.uses_label:
+        truth = resolve_truth("folders", roots, loaded.labels, rels)
+    if not truth.known:
+        return None, [], None
+    resolver = LabelResolver(loaded.labels)
+    index: list[int | None] = []
+    why: list[str] = []
+    for rel in rels:
+        label = truth.label_for(rel)
+        found = resolver.resolve_optional(label) if label else None
+        index.append(found if found is not None and found >= 0 else None)
+        if label is None:
+            why.append(f"no ground-truth label for it in {truth.source}")
+        else:
+            why.append(
+                "" if index[-1] is not None else f"ground-truth label '{label}' is not one of the model's classes"
+            )
+    if selector.uses_label and not any(i is not None for i in index):
+        first = next(w for w in why if w)
+        raise GradcamError(f"--target label: no image has a ground-truth class ({truth.source}: {first})")
+    return index, why, truth.source
+
+
+class _BatchSelector:
+    """The targets of one batch: `label` slots need the true classes of exactly these images (split with them)."""
+
+    def __init__(self, selector: TargetSelector, truth: torch.Tensor) -> None:
+        self.selector, self.truth = selector, truth
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.selector(logits, self.truth)
+
+    def split(self, half: int) -> tuple[_BatchSelector, _BatchSelector]:
+        return _BatchSelector(self.selector, self.truth[:half]), _BatchSelector(self.selector, self.truth[half:])
+
+
+def _batch_selector(plan: _Plan, indices: Sequence[int], device: torch.device) -> Any:
+    if plan.truth_index is None or not plan.selector.uses_label:
+        return plan.selector
+    known = [plan.truth_index[i] for i in indices]
+    return _BatchSelector(plan.selector, torch.tensor([-1 if k is None else k for k in known], device=device))
 
 
 def _manifest(plan: _Plan) -> dict[str, Any]:
@@ -287,7 +417,15 @@ def _manifest(plan: _Plan) -> dict[str, Any]:
         "weights": plan.loaded.weights,
         "layers": list(plan.layers),
         "method": s.method,
+        "method_options": {
+            "counterfactual": s.counterfactual,
+            "aug_smooth": s.aug_smooth,
+            "eigen_smooth": s.eigen_smooth,
+            "fuse": s.fuse,
+            "chunk_size": s.chunk_size,
+        },
         "targets": list(s.targets),
+        "ground_truth": plan.truth_source,
         "preprocessing": asdict(plan.loaded.spec),
         "device": str(plan.device),
         "batch_size": s.batch_size,
@@ -405,7 +543,7 @@ def _stream(
                 x = batch.inputs.to(device, non_blocking=True).float().sub_(mean).div_(std)
                 if settings.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                result = run_splitting_on_oom(engine, x, plan.selector, settings.amp)
+                result = run_splitting_on_oom(engine, x, _batch_selector(plan, batch.indices, device), settings.amp)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t1 = time.perf_counter()
@@ -553,7 +691,7 @@ def _torchvision_version() -> str:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def run_splitting_on_oom(engine: CamEngine, x: torch.Tensor, selector: TargetSelector, amp: str = "none") -> Any:
+def run_splitting_on_oom(engine: CamEngine, x: torch.Tensor, selector: Any, amp: str = "none") -> Any:
     """engine.run, halving the batch and retrying when the device runs out of memory; no image is dropped.
 
     With `amp` the forward (and the head's backward) run under autocast; the CAM maths is float32 in the engine.
@@ -569,10 +707,11 @@ def run_splitting_on_oom(engine: CamEngine, x: torch.Tensor, selector: TargetSel
         if x.device.type == "cuda":
             torch.cuda.empty_cache()
         half = x.shape[0] // 2
+        first, second = selector.split(half) if hasattr(selector, "split") else (selector, selector)
         return CamResult.cat(
             [
-                run_splitting_on_oom(engine, x[:half], selector, amp),
-                run_splitting_on_oom(engine, x[half:], selector, amp),
+                run_splitting_on_oom(engine, x[:half], first, amp),
+                run_splitting_on_oom(engine, x[half:], second, amp),
             ]
         )
 
@@ -609,9 +748,14 @@ def _render_batch(
     rows: dict[int, list[dict[str, Any]]],
     outputs: list[tuple[str, Encoder]],
 ) -> None:
-    """Turn one batch's CAMs into rows and files; a non-finite result is an error row for that image only."""
-    settings, files, layers, labels = plan.settings, plan.files, plan.layers, plan.loaded.labels
-    multi_layer, multi_target = len(layers) > 1, plan.selector.slots > 1
+    """Turn one batch's CAMs into rows and files; a non-finite result is an error row for that image only.
+
+    One row per (image, target, map): a map per layer, or the one fused map (`--fuse`), or `input` for
+    guided-backprop. The guided methods add a guided/ picture per row (`_guided_outputs`).
+    """
+    settings, files, labels = plan.settings, plan.files, plan.loaded.labels
+    names = list(result.cams)
+    multi_layer, multi_target = len(names) > 1, plan.selector.slots > 1
     probs = result.probs
     pred_prob, pred_index = probs.max(dim=1)
     target_prob = probs.gather(1, result.targets)
@@ -626,12 +770,16 @@ def _render_batch(
     finite_cams_l = {k: v.tolist() for k, v in finite_cams.items()}
     for i, index in enumerate(batch.indices):
         rel = files[index].rel
-        if not finite_l[i] or not all(finite_cams_l[name][i] for name in layers):
+        truth = plan.truth_index[index] if plan.truth_index is not None else None
+        if truth is None and plan.selector.uses_label:
+            rows[index] = [_error_row(rel, f"--target label: {plan.truth_why[index]}", settings.method)]
+            continue
+        if not finite_l[i] or not all(finite_cams_l[name][i] for name in names):
             what = "logits" if not finite_l[i] else "CAM"
             rows[index] = [_error_row(rel, f"non-finite {what} (NaN or inf) from the model", settings.method)]
             continue
         image_rows = []
-        for name in layers:
+        for name in names:
             seen: set[int] = set()
             for t, target in enumerate(target_l[i]):
                 if target in seen:  # `pred` and `topk:K` can name the same class: one map, one row
@@ -657,6 +805,10 @@ def _render_batch(
                     "peak_y": rendered.peak_y,
                     "heatmap": "",
                     "overlay": "",
+                    "true_index": "" if truth is None else truth,
+                    "true_label": "" if truth is None else label_of(labels, truth),
+                    "correct": "" if truth is None else ("true" if truth == pred_index_l[i] else "false"),
+                    "guided": "",
                 }
                 heat = rendered.pixels.cpu().numpy()
                 if "heatmap" in save:
@@ -667,5 +819,19 @@ def _render_batch(
                     outputs.append((row["overlay"], lut.overlay_encoder(batch.originals[i], rendered.pixels, heat)))
                 if "npy" in save:
                     outputs.append((output_name("npy", rel, suffix, "npy"), partial(encode_npy, cam.cpu().numpy())))
+                if name in result.guided:
+                    row["guided"] = _guided_outputs(result.guided[name][i, t], batch, i, rel, suffix, save, outputs)
                 image_rows.append(row)
         rows[index] = image_rows
+
+
+def _guided_outputs(
+    guided: torch.Tensor, batch: Any, i: int, rel: str, suffix: str, save: set[str], outputs: list[tuple[str, Encoder]]
+) -> str:
+    """guided/<rel><suffix>.png: the (3, H, W) guided map as an RGB picture at the original size (and .npy raw)."""
+    picture = render_guided(guided, batch.sizes[i], batch.boxes[i]).numpy()
+    path = output_name("guided", rel, suffix, "png")
+    outputs.append((path, partial(encode_png, picture)))
+    if "npy" in save:
+        outputs.append((output_name("guided", rel, suffix, "npy"), partial(encode_npy, guided.cpu().numpy())))
+    return path

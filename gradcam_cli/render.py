@@ -125,3 +125,20 @@ def blend_host(original: np.ndarray, heat: np.ndarray, pal: bytes, alpha: float)
     colour = Image.fromarray(heat).convert("P")
     colour.putpalette(pal)
     return Image.blend(Image.fromarray(original), colour.convert("RGB"), alpha)
+
+
+def render_guided(guided: Tensor, size: tuple[int, int], box: tuple[float, float, float, float]) -> Tensor:
+    """(3, h, w) guided-backprop map at model-input resolution -> (H, W, 3) uint8 picture at the original size.
+
+    The usual display of guided backprop: per image, (g - mean) / std * 0.1 + 0.5 clipped to [0, 1], so a zero
+    gradient is mid-grey and the sign of each colour channel shows. Resampled like the heatmaps (bilinear,
+    align_corners=False, onto `box`); outside a crop box the picture is mid-grey. Returned on the host.
+    """
+    g = guided.float()
+    std = g.std()
+    scaled = (g - g.mean()) / torch.where(std > 0, std, torch.ones_like(std)) * 0.1 + 0.5
+    full, region = _region(size, box)
+    up = F.interpolate(scaled[None], size=region, mode="bilinear", align_corners=False)[0].clamp_(0, 1)
+    if not full:
+        up = torch.stack([_paste(channel - 0.5, size, box) for channel in up]) + 0.5
+    return to_uint8(up).permute(1, 2, 0).contiguous().cpu()

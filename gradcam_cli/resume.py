@@ -33,6 +33,8 @@ RESUME_KEYS: tuple[str, ...] = (
     "amp",
     "seed",
     "audit",  # metrics, steps, baseline, annotations, sampling: the metric columns must mean the same
+    "method_options",  # counterfactual, smoothing, fusion: the maps must mean the same
+    "ground_truth",  # `--target label` classes and the true_* columns
 )
 
 # (relative path of the image, one of its CSV rows) -> output files the row must have, or None if it names others

@@ -50,6 +50,9 @@ CSV_COLUMNS: tuple[str, ...] = (
     "heatmap",
     "overlay",
 )
+# appended after any metric columns (so every earlier column keeps its place): the true class and whether the
+# prediction was right (empty when the ground truth is unknown), and the guided/ picture of the guided methods
+CAM_COLUMNS: tuple[str, ...] = ("true_index", "true_label", "correct", "guided")
 PNG_COMPRESS_LEVEL = 1
 JPEG_QUALITY = 90
 
