@@ -41,6 +41,8 @@ BASE_HEADER = (
     "method,layer,cam_max,peak_x,peak_y,heatmap,overlay"
 )
 METRIC_HEADER = "deletion_auc,insertion_auc,avg_drop,increase,pointing_hit,energy_in_box"
+# issue 4's columns come last, after any metric columns
+CAM_HEADER = ",true_index,true_label,correct,guided"
 STEPS = 5
 
 
@@ -90,7 +92,7 @@ def audited(world: dict[str, Path]) -> tuple[Result, Path]:
 def test_metric_columns_are_appended_in_canonical_order(audited: tuple[Result, Path]) -> None:
     result, out = audited
     assert result.exit_code == 0, result.output
-    assert header_of(out) == BASE_HEADER + "," + METRIC_HEADER
+    assert header_of(out) == BASE_HEADER + "," + METRIC_HEADER + CAM_HEADER
     rows = rows_of(out)
     assert [r["path"] for r in rows] == sorted(SQUARES)
     assert {r["path"]: r["pred_label"] for r in rows} == PREDICTED
@@ -99,11 +101,11 @@ def test_metric_columns_are_appended_in_canonical_order(audited: tuple[Result, P
 def test_without_metrics_the_header_is_unchanged(world: dict[str, Path], tmp_path: Path) -> None:
     result = invoke("explain", world["images"], "-o", tmp_path / "o", "-c", world["cfg"], "--limit", "1")
     assert result.exit_code == 0, result.output
-    assert header_of(tmp_path / "o") == BASE_HEADER
+    assert header_of(tmp_path / "o") == BASE_HEADER + CAM_HEADER
     result = invoke(
         "explain", world["images"], "-o", tmp_path / "p", "-c", world["cfg"], "--limit", "1", "--metrics", "drop"
     )
-    assert header_of(tmp_path / "p") == BASE_HEADER + ",avg_drop,increase"
+    assert header_of(tmp_path / "p") == BASE_HEADER + ",avg_drop,increase" + CAM_HEADER
 
 
 def test_perturbation_metrics_equal_a_recomputation_from_the_outputs(
@@ -373,13 +375,18 @@ def test_only_below_explains_only_unconfident_images_and_skips_the_backward(
     from gradcam_cli.engine import CamEngine
 
     seen: list[int] = []
-    original = CamEngine.run
+    original, original_check = CamEngine.run, CamEngine.check
 
     def counting(self: CamEngine, x: torch.Tensor, select: Any) -> Any:
         seen.append(int(x.shape[0]))
         return original(self, x, select)
 
+    def counting_check(self: CamEngine, x: torch.Tensor, select: Any) -> Any:  # the probe before the run
+        seen.append(int(x.shape[0]))
+        return original_check(self, x, select)
+
     monkeypatch.setattr(CamEngine, "run", counting)
+    monkeypatch.setattr(CamEngine, "check", counting_check)
     out = tmp_path / "out"
     settings = load_settings(world["cfg"], only_below=0.9, metrics="drop", summary=True, batch_size=4)
     summary = api_explain([world["images"]], out, settings)
@@ -485,7 +492,7 @@ def test_resume_keeps_metric_columns_and_refuses_other_metrics(world: dict[str, 
     (out / "heatmaps" / "dog" / "d.png.png").unlink()  # d must be explained again, the others are kept
     result = invoke(*args, "--resume", "--summary")
     assert result.exit_code == 0, result.output
-    assert header_of(out) == BASE_HEADER + ",deletion_auc,avg_drop,increase"
+    assert header_of(out) == BASE_HEADER + ",deletion_auc,avg_drop,increase" + CAM_HEADER
     again = rows_of(out)
     assert [r["path"] for r in again] == [r["path"] for r in first]  # input order restored
     for before, after in zip(first, again, strict=True):
@@ -495,4 +502,4 @@ def test_resume_keeps_metric_columns_and_refuses_other_metrics(world: dict[str, 
     # other metrics would mix two kinds of rows in one CSV: a usage error, nothing touched
     line = one_error_line(invoke(*args[:-4], "--metrics", "drop", "--resume"), "--resume", "audit")
     assert "start fresh" in line
-    assert header_of(out) == BASE_HEADER + ",deletion_auc,avg_drop,increase"
+    assert header_of(out) == BASE_HEADER + ",deletion_auc,avg_drop,increase" + CAM_HEADER

@@ -29,7 +29,9 @@ from gradcam_cli.cli import main
 
 CSV_HEADER = (
     "path,status,error,pred_index,pred_label,pred_prob,target_index,target_label,target_prob,"
-    "method,layer,cam_max,peak_x,peak_y,heatmap,overlay"
+    "method,layer,cam_max,peak_x,peak_y,heatmap,overlay,"
+    # appended by issue 4 (the contract allows new columns at the end only)
+    "true_index,true_label,correct,guided"
 )
 BASE = ["--model", "resnet18", "--weights", "none", "--workers", "0", "-q"]
 # resnet18 downsamples by 32; its weights' transforms feed it 224 px, so layer4 is 7x7 for any image size

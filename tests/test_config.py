@@ -259,7 +259,7 @@ def test_unknown_flag_keyword_is_an_error() -> None:
         ("device", "gpu"),
         ("device", "cuda:x"),
         ("device", "3"),
-        ("method", "scorecam"),
+        ("method", "gradcam++"),  # not a method name (gradcampp is)
         ("method", "[gradcam]"),
         ("colormap", "rainbowish"),
         ("preprocess", "stretch"),
@@ -287,6 +287,14 @@ def test_unknown_flag_keyword_is_an_error() -> None:
         ("model", "[resnet18]"),
         ("weights", "5"),
         ("labels", "[a, b]"),
+        # issue 4's keys
+        ("fuse", "avg"),
+        ("fuse", "true"),
+        ("chunk_size", "0"),
+        ("chunk_size", "'32'"),
+        ("counterfactual", "'yes'"),
+        ("aug_smooth", "1"),
+        ("eigen_smooth", "on-ish"),
     ],
 )
 def test_wrong_type_names_the_key(tmp_path: Path, key: str, yaml_value: str) -> None:
@@ -369,3 +377,40 @@ def test_config_handling_never_imports_torch(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "False"]
+
+
+# --- issue 4: methods, smoothing, fusion, ground truth ------------------------------------------------------
+
+
+def test_method_option_keys(tmp_path: Path) -> None:
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    cfg = _write(
+        sub,
+        """\
+        method: GuIded-GradCAM
+        targets: [label, pred]
+        counterfactual: true
+        aug_smooth: true
+        eigen_smooth: false
+        chunk_size: 8
+        fuse: MAX
+        """,
+    )
+    s = load_settings(cfg)
+    assert (s.method, s.targets, s.fuse, s.chunk_size) == ("guided-gradcam", ("label", "pred"), "max", 8)
+    assert (s.counterfactual, s.aug_smooth, s.eigen_smooth) == (True, True, False)
+    defaults = Settings()
+    assert (defaults.counterfactual, defaults.aug_smooth, defaults.eigen_smooth) == (False, False, False)
+    assert (defaults.fuse, defaults.chunk_size) == ("none", 32)
+    # flags win over the config, as for every key
+    assert load_settings(cfg, fuse="mean", counterfactual=False).fuse == "mean"
+    assert load_settings(cfg, counterfactual=False).counterfactual is False
+
+
+def test_method_names_match_the_cli_choices() -> None:
+    from gradcam_cli.cli import explain
+    from gradcam_cli.config import METHOD_NAMES
+
+    (method_option,) = [p for p in explain.params if p.name == "method"]
+    assert tuple(method_option.type.choices) == METHOD_NAMES  # type: ignore[attr-defined]

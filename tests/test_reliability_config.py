@@ -77,7 +77,7 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "model": ["toy_models:probe", "resnet18"],
     "weights": ["none", "missing-checkpoint.pt"],
     "target_layers": ["features", ["features"], "features.pool", "fc", "features.nope", "features[-1]"],
-    "method": ["gradcam", "GradCAM"],
+    "method": ["gradcam", "GradCAM", "eigencam", "scorecam", "ablationcam", "cam", "guided-gradcam"],
     "targets": ["pred", "topk:1", "topk:2", "topk:3", 0, 1, 2, "bright", ["dark", "pred"], "nope"],
     "batch_size": [1, 2, 3, 64],
     "device": ["cpu", "auto", "cuda", "cuda:7", "mps"],
@@ -114,6 +114,12 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "only_below": [0.5, 1, 0],
     "sample_rate": [0.5, 1, "50%", 0],
     "dist_timeout": [0.5, 120, 0, -3],  # issue 8
+    # CAM family (issue 4)
+    "counterfactual": [True, False],
+    "aug_smooth": [True, False],
+    "eigen_smooth": [True, False],
+    "chunk_size": [1, 3, 64],
+    "fuse": ["none", "mean", "max"],
 }
 assert set(PLAUSIBLE) == set(VALIDATORS)
 

@@ -23,9 +23,9 @@ from PIL import Image
 
 from gradcam_cli import sinks
 from gradcam_cli.cli import main
-from gradcam_cli.sinks import CSV_COLUMNS, OutputWriter, atomic_write, read_csv_rows
+from gradcam_cli.sinks import CAM_COLUMNS, CSV_COLUMNS, OutputWriter, atomic_write, read_csv_rows
 
-HEADER = ",".join(CSV_COLUMNS)
+HEADER = ",".join(CSV_COLUMNS + CAM_COLUMNS)
 
 
 def invoke(*args: str | Path) -> Result:
@@ -338,7 +338,7 @@ def _check_consistent(out: Path) -> int:
     data = csv_path.read_bytes()
     assert data.startswith(HEADER.encode() + b"\r\n") and data.endswith(b"\r\n"), data[-80:]
     records = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
-    assert all(len(r) == len(CSV_COLUMNS) for r in records)
+    assert all(len(r) == len(CSV_COLUMNS + CAM_COLUMNS) for r in records)
     paths = [r[0] for r in records[1:]]
     assert len(paths) == len(set(paths))
     for r in records[1:]:
