@@ -733,3 +733,44 @@ def test_cam_needs_gap_and_fc(model: nn.Module, x: Tensor) -> None:
     a = torch.relu(tiny.target(tiny.stem(xs))).detach()
     want = torch.relu(torch.einsum("nk,nkhw->nhw", tiny.fc.weight[[1, 2]], a))
     torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------------------ token layouts
+
+
+class TokenNet(nn.Module):
+    """A patch-embedding conv whose output is read twice: as a (B, C, h, w) map (`grid`) and, flattened with a
+    class token in front, as a ViT-style token sequence (`tokens`, (B, 1 + h*w, C)); the head averages the
+    patch tokens. Both hook points carry the same activations, so every method must give the same maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.patch_size = 8  # read by layouts.token_hint, as torchvision's ViT
+        self.embed = nn.Conv2d(3, 6, 8, stride=8)
+        self.grid = nn.Identity()
+        self.class_token = nn.Parameter(torch.randn(1, 1, 6))
+        self.tokens = nn.Identity()
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.grid(torch.relu(self.embed(x)))
+        t = torch.cat([self.class_token.expand(x.shape[0], -1, -1), g.flatten(2).transpose(1, 2)], dim=1)
+        t = self.tokens(t)
+        return self.fc(t[:, 1:].mean(dim=1) + 0.1 * t[:, 0])
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "layercam", "eigencam", "ablationcam", "scorecam"])
+def test_token_layers_give_the_maps_of_the_grid(method: str) -> None:
+    """The token view (patch tokens in row-major order, class token dropped) feeds every method, including
+    Ablation-CAM's channel zeroing, which happens in the token layout itself (patch tokens only)."""
+    model = TokenNet().eval()
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(5))  # 4 x 6 patches
+    table = torch.tensor([[1, 3], [0, 4]])
+    maps = {}
+    for name in ("grid", "tokens"):
+        with CamEngine(model, {name: model.get_submodule(name)}, method) as engine:
+            maps[name] = engine.run(x, fixed(table)).cams[name]
+            assert engine.layouts[name].kind == ("nchw" if name == "grid" else "tokens")
+    assert maps["grid"].shape == (2, 2, 4, 6) and float(maps["grid"].max()) > 0
+    torch.testing.assert_close(maps["tokens"], maps["grid"], rtol=1e-5, atol=1e-6 * float(maps["grid"].max()))
