@@ -6,8 +6,9 @@
 Every method explains the same batch (224x224, one target per image) through `CamEngine.run`, the call the
 pipeline makes per batch. After one untimed warm-up run of each, the methods are timed in turn, round after round
 (`--rounds`), so that a burst of load from other processes spreads over all of them; the median per method is
-reported. It also times 5 classes per image (`--target topk:5`) with the one vmapped backward vs one backward
-per class. The load average is printed: on a shared CPU every ratio moves with it.
+reported. Score-CAM and Ablation-CAM, whose one batch takes minutes on a CPU, are timed in the first
+`--slow-rounds` rounds only. It also times 5 classes per image (`--target topk:5`) with the one vmapped
+backward vs one backward per class. The load average is printed: on a shared CPU every ratio moves with it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradcam_cli.engine import CamEngine
 from gradcam_cli.methods import METHOD_INFO
+
+SLOW = {"scorecam", "ablationcam"}
 
 
 def make_engine(model: torch.nn.Module, method: str) -> CamEngine:
@@ -61,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slow-rounds", type=int, default=1, help="rounds that time scorecam and ablationcam")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the top-k comparison")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--methods", default=",".join(METHOD_INFO))
@@ -81,11 +85,14 @@ def main() -> None:
     methods = args.methods.split(",")
     engines = {m: make_engine(model, m) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
-    for m in methods:  # warm-up
-        with engines[m] as engine:
-            engine.run(x, select)
+    for m in methods:  # warm-up (the slow ones warm up in their own first, timed, run: minutes each)
+        if m not in SLOW:
+            with engines[m] as engine:
+                engine.run(x, select)
     for round_no in range(args.rounds):
         for m in methods:
+            if m in SLOW and round_no >= args.slow_rounds:
+                continue
             with engines[m] as engine:
                 times[m].append(time_once(engine, x, select))
             print(f"round {round_no + 1}: {m:16s} {times[m][-1]:9.3f} s/batch", file=sys.stderr, flush=True)
@@ -100,7 +107,8 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), device {device}; resnet18 (random weights), layer4 (512x7x7), "
         f"batch {args.batch} at 224x224, one target per image; median of {args.rounds} rounds (methods in turn "
-        f"within a round). Load average {load_before[0]:.1f} before, "
+        f"within a round; {', '.join(sorted(SLOW))}: {args.slow_rounds} round). "
+        f"Load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after; total {time.perf_counter() - started:.0f} s.",
         "",
         "| method | s / batch | relative to gradcam |",

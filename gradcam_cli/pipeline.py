@@ -417,13 +417,14 @@ def _manifest(plan: _Plan) -> dict[str, Any]:
         "weights": plan.loaded.weights,
         "layers": list(plan.layers),
         "method": s.method,
+        # what the maps mean (compared on --resume); chunk_size only bounds memory
         "method_options": {
             "counterfactual": s.counterfactual,
             "aug_smooth": s.aug_smooth,
             "eigen_smooth": s.eigen_smooth,
             "fuse": s.fuse,
-            "chunk_size": s.chunk_size,
         },
+        "chunk_size": s.chunk_size,
         "targets": list(s.targets),
         "ground_truth": plan.truth_source,
         "preprocessing": asdict(plan.loaded.spec),

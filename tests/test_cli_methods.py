@@ -308,4 +308,7 @@ def test_resume_knows_fused_and_guided_outputs(two_images: Path, tmp_path: Path,
     assert explain(two_images, out, *args, "--resume").exit_code == 0
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["resume"] == {"skipped": 1}
     assert len(list((out / "guided").glob("a.png__*.png"))) == 2
+    # --chunk-size only bounds memory: resuming with another one keeps everything; --counterfactual does not
+    assert explain(two_images, out, *args, "--resume", "--chunk-size", "8").exit_code == 0
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["resume"] == {"skipped": 2}
     assert_one_line_error(explain(two_images, out, *args, "--resume", "--counterfactual"), "method_options")

@@ -47,7 +47,7 @@ from gradcam_cli.distributed import (
 )
 from gradcam_cli.errors import GradcamError, RunStopped
 from gradcam_cli.pipeline import explain
-from gradcam_cli.sinks import CSV_COLUMNS
+from gradcam_cli.sinks import CAM_COLUMNS, CSV_COLUMNS
 
 TESTS_DIR = Path(__file__).parent
 MODEL = "dist_models:resnet18"  # tests/dist_models.py: resnet18 that can kill its own rank on request
@@ -483,7 +483,8 @@ def test_two_ranks_give_the_same_results_as_one_process(
         assert [k for k in ours if ours[k] != theirs[k]] == []
     assert not list(out.glob("predictions.rank*.csv")) and not list(out.rglob("*.tmp"))
     # metric columns are in the CSV compared above; summary.json and its gate were made from the merged CSV
-    assert (out / "predictions.csv").read_text(encoding="utf-8").splitlines()[0].endswith(",avg_drop,increase")
+    header = (out / "predictions.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert header.endswith(",avg_drop,increase," + ",".join(CAM_COLUMNS))  # issue 4's columns come last
     ours, theirs = (json.loads((d / "summary.json").read_text(encoding="utf-8")) for d in (out, reference))
     assert ours["counts"]["images"] == 25 and ours["gates"][0]["gate"] == "--fail-under increase=0.5"
     assert {**ours, "generated": None} == {**theirs, "generated": None}
@@ -591,7 +592,7 @@ def test_a_rank_killed_under_torchrun_stops_the_others_cleanly_and_resume_comple
     assert run["status"] == "interrupted" and "predictions.rank<k>.csv" in run["note"]
     ref_rows = _csv_rows(reference)
     ref_paths = [r["path"] for r in ref_rows]
-    columns = (*CSV_COLUMNS, "avg_drop", "increase")
+    columns = (*CSV_COLUMNS, "avg_drop", "increase", *CAM_COLUMNS)
     assert read_rows(out / "predictions.csv", columns) == []  # nothing merged
     done = []
     for k in (0, 1):  # each rank CSV holds a leading part of that rank's share, rows as in one process
@@ -636,7 +637,7 @@ def test_rank_csvs_left_by_a_stopped_run_are_merged_on_resume_or_removed_on_a_fr
     are what is done. --resume, with any number of processes (here one), merges them first and finishes."""
     out = tmp_path / "out"
     shutil.copytree(reference, out)
-    columns = (*CSV_COLUMNS, "avg_drop", "increase")  # the run's metric columns follow the standard ones
+    columns = (*CSV_COLUMNS, "avg_drop", "increase", *CAM_COLUMNS)  # the run's metric columns follow the standard ones
     ref = read_rows(reference / "predictions.csv", columns)
     paths = [r[0] for r in ref]
     share0, share1 = shard(paths, 0, 2, BATCH), shard(paths, 1, 2, BATCH)
