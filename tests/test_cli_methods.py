@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
+from test_cli import assert_usage_error
 from torchvision.models import ResNet18_Weights
 
 from gradcam_cli.cli import main
@@ -32,15 +33,6 @@ def explain(inputs: Path | list[Path], out: Path, *extra: str) -> Result:
 def rows_of(out: Path) -> list[dict[str, str]]:
     with open(out / "predictions.csv", newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
-
-
-def assert_one_line_error(result: Result, *needles: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), lines
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -231,16 +223,16 @@ def test_a_broken_labels_csv_does_not_stop_a_plain_run(two_images: Path, tmp_pat
     result = explain(folder, tmp_path / "out", *small)
     assert result.exit_code == 0, result.output
     assert rows_of(tmp_path / "out")[0]["true_index"] == ""
-    assert_one_line_error(explain(folder, tmp_path / "o2", *small, "--target", "label"), "path,label")
+    assert_usage_error(explain(folder, tmp_path / "o2", *small, "--target", "label"), "path,label")
 
 
 def test_ground_truth_errors_are_one_line(two_images: Path, tmp_path: Path, small: list[str]) -> None:
-    assert_one_line_error(explain(two_images, tmp_path / "o1", *small, "--target", "label"), "--target label")
-    assert_one_line_error(
+    assert_usage_error(explain(two_images, tmp_path / "o1", *small, "--target", "label"), "--target label")
+    assert_usage_error(
         explain(two_images, tmp_path / "o2", *small, "--target", "label", "--truth", "none"), "--truth is none"
     )
     missing = tmp_path / "missing.csv"
-    assert_one_line_error(explain(two_images, tmp_path / "o3", *small, "--truth", missing), "missing.csv")
+    assert_usage_error(explain(two_images, tmp_path / "o3", *small, "--truth", missing), "missing.csv")
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
 
 
@@ -261,7 +253,7 @@ def test_ground_truth_errors_are_one_line(two_images: Path, tmp_path: Path, smal
 def test_meaningless_combinations_exit_2_before_writing(
     args: list[str], needles: tuple[str, ...], two_images: Path, tmp_path: Path, small: list[str]
 ) -> None:
-    assert_one_line_error(explain(two_images, tmp_path / "out", *small, *args), *needles)
+    assert_usage_error(explain(two_images, tmp_path / "out", *small, *args), *needles)
     assert not (tmp_path / "out").exists()
 
 
@@ -311,4 +303,4 @@ def test_resume_knows_fused_and_guided_outputs(two_images: Path, tmp_path: Path,
     # --chunk-size only bounds memory: resuming with another one keeps everything; --counterfactual does not
     assert explain(two_images, out, *args, "--resume", "--chunk-size", "8").exit_code == 0
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["resume"] == {"skipped": 2}
-    assert_one_line_error(explain(two_images, out, *args, "--resume", "--counterfactual"), "method_options")
+    assert_usage_error(explain(two_images, out, *args, "--resume", "--counterfactual"), "method_options")
