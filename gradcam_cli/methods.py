@@ -180,7 +180,11 @@ def guided_gradcam(guided: Tensor, cams: Tensor) -> Tensor:
 
 
 def minmax(maps: Tensor) -> Tensor:
-    """Per-map min-max over the last two dims to [0, 1]; a map without range becomes all zero."""
+    """Per-map min-max over the last two dims to [0, 1]; a map without range becomes all zero.
+
+    Unlike metrics.normalize_maps (which zeroes them), a map holding NaN stays NaN, so that a fused map of a
+    non-finite layer map is reported as an error row like the layer map itself would be.
+    """
     lo = maps.amin(dim=(-2, -1), keepdim=True)
     hi = maps.amax(dim=(-2, -1), keepdim=True)
     return _safe_div(maps - lo, hi - lo)
