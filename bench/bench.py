@@ -3,11 +3,14 @@
     python bench/bench.py [--rounds 3] [--models resnet18,resnet50] [--skip-memory] [--skip-startup]
 
 Run from the repo root (`make bench`). Every measurement is a whole process on the same folder, in this
-order, round after round: E A B C (D), so slow drift of the machine hits all of them alike.
+order, round after round: E A A2 B B0 C (D), so slow drift of the machine hits all of them alike.
 
-    E  python -c "import torch, torchvision"       start-up only; its median is subtracted from A, B, C, D
+    E  python -c "import torch, torchvision"       start-up only; its median is subtracted from the others
     A  bench/plain_inference.py                     decode + resize + normalise + batched no-grad forward, CSV
-    B  python -m gradcam_cli explain ...            heatmaps, overlays, predictions.csv
+    A2 bench/plain_inference.py --channels-last     the same in channels_last memory format
+    B  python -m gradcam_cli explain ...            heatmaps, overlays, predictions.csv (channels_last: the
+                                                    CPU default)
+    B0 ... explain --no-channels-last               the same in NCHW, as A
     C  bench/pgc_script.py                          the same with pytorch-grad-cam
     D  bench/torchcam_script.py                     the same with torchcam (when torchcam is importable)
 
@@ -54,7 +57,9 @@ STARTUP_REPEATS = 5
 WHAT = {
     "E": "python -c 'import torch, torchvision' (start-up)",
     "A": "plain inference, no grad (floor)",
+    "A2": "plain inference, channels_last",
     "B": "gradcam explain",
+    "B0": "gradcam explain --no-channels-last",
     "C": "pytorch-grad-cam script",
     "D": "torchcam script",
 }
@@ -166,6 +171,7 @@ def commands(model: str, photos: Path, out: Path, batch: int, workers: int, with
             "--workers",
             str(workers),
         ],
+        "A2": [],
         "B": [
             PY,
             "-m",
@@ -186,8 +192,13 @@ def commands(model: str, photos: Path, out: Path, batch: int, workers: int, with
             str(workers),
             "--quiet",
         ],
+        "B0": [],
         "C": [PY, str(BENCH / "pgc_script.py"), str(photos), str(out / "C"), "--model", model, "--batch-size", b],
     }
+    cmds["A2"] = [*cmds["A"], "--channels-last"]
+    cmds["A2"][3] = str(out / "A2")
+    cmds["B0"] = [*cmds["B"], "--no-channels-last"]
+    cmds["B0"][6] = str(out / "B0")
     if with_d:
         cmds["D"] = [
             PY,
@@ -231,7 +242,7 @@ def bench_model(model: str, photos: Path, n: int, args: argparse.Namespace, with
                 shutil.rmtree(out / name, ignore_errors=True)
             wall, cpu, other = run_timed(argv, OUT / "logs" / f"{model}_{name}_{r}.log")
             if name != "E":
-                check_outputs(name, out / name, n, images=name != "A")
+                check_outputs(name, out / name, n, images=not name.startswith("A"))
             walls[name].append(wall)
             cpus[name].append(cpu)
             others[name].append(other)
@@ -248,7 +259,15 @@ def bench_model(model: str, photos: Path, n: int, args: argparse.Namespace, with
     def ratio(a: str, b: str) -> float | None:
         return work[a] / work[b] if a in work and b in work else None
 
-    ratios = {"B/A": ratio("B", "A"), "C/B": ratio("C", "B"), "C/A": ratio("C", "A"), "D/B": ratio("D", "B")}
+    ratios = {
+        "B/A": ratio("B", "A"),
+        "C/B": ratio("C", "B"),
+        "C/A": ratio("C", "A"),
+        "D/B": ratio("D", "B"),
+        "B/A2": ratio("B", "A2"),  # like for like: both channels_last
+        "B0/A": ratio("B0", "A"),  # like for like: both NCHW
+        "A2/A": ratio("A2", "A"),  # what the memory format alone is worth
+    }
     raw = {k: (med[k.split("/")[0]] / med[k.split("/")[1]] if v is not None else None) for k, v in ratios.items()}
     # CPU-time ratios (CPU s minus E's): less sensitive to other load than wall time, but blind to parallelism
     cpu_med = {k: statistics.median(v) for k, v in cpus.items()}
@@ -457,7 +476,7 @@ def machine_lines() -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of E A B C (D) per model (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of E A A2 B B0 C (D) per model (default 3)")
     parser.add_argument("--models", default="resnet18,resnet50", help="comma-separated torchvision models")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of A and B")
@@ -481,7 +500,7 @@ def main() -> int:
     n = sum(1 for p in photos.iterdir() if p.suffix in (".jpg", ".png"))
     folder = describe(photos)
     print(f"photos: {rel(photos)}: {folder}", flush=True)
-    order = " ".join(["E", "A", "B", "C"] + (["D"] if with_d else []))
+    order = " ".join(["E", "A", "A2", "B", "B0", "C"] + (["D"] if with_d else []))
 
     report = [
         "# gradcam-cli speed benchmark",
@@ -506,6 +525,11 @@ def main() -> int:
         f"Batch size {args.batch_size}, CPU, `--weights none` / `weights=None`, {args.workers} DataLoader workers "
         f"for A and B. Each process is timed whole (wall clock), alternating {order} for {args.rounds} round(s) "
         "per model; medians below. Work = median - median(E); ratios are of work times.",
+        "",
+        "`gradcam explain` runs the model in channels_last memory format on the CPU by default (faster convolutions "
+        "here; `--no-channels-last` turns it off). The goals are stated against A, the plain NCHW inference script "
+        "a user writes; B/A2 (both channels_last) and B0/A (both NCHW) compare like with like, and A2/A is what the "
+        "memory format alone is worth.",
         "",
         "## Speed",
         "",

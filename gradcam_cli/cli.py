@@ -155,7 +155,9 @@ def main() -> None:
     "--amp", type=click.Choice(AMP_MODES), help="Autocast the forward pass (CAM maths stays float32). [default: none]"
 )
 @click.option(
-    "--channels-last/--no-channels-last", default=None, help="channels_last memory format (faster on recent GPUs)."
+    "--channels-last/--no-channels-last",
+    default=None,
+    help="channels_last memory format for model and inputs. [default: on for the CPU, off on CUDA]",
 )
 @click.option(
     "--max-pixels",

@@ -75,7 +75,7 @@ class Settings:
     limit: int | None = None
     quiet: bool = False
     amp: str = "none"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None = auto: on for the CPU (measured faster there), off on CUDA
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     resume: bool = False
@@ -264,6 +264,15 @@ def _v_bool(key: str, value: Any, source: str) -> bool:
     return value
 
 
+def _v_auto_bool(key: str, value: Any, source: str) -> bool | None:
+    """true, false, or auto (None: the run decides by device)."""
+    if value is None or (isinstance(value, str) and value.lower() == "auto"):
+        return None
+    if not isinstance(value, bool):
+        raise _fail(key, source, "true, false or auto", value)
+    return value
+
+
 def _v_metrics(key: str, value: Any, source: str) -> tuple[str, ...]:
     items = _str_list(value)
     if items is None or not all(i.lower() in METRIC_NAMES for i in items):
@@ -368,7 +377,7 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "limit": _v_optional_positive_int,
     "quiet": _v_bool,
     "amp": _v_choice(AMP_MODES),
-    "channels_last": _v_bool,
+    "channels_last": _v_auto_bool,
     "seed": _v_nonneg_int,
     "max_pixels": _v_positive_int,
     "resume": _v_bool,

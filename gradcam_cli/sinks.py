@@ -19,8 +19,10 @@ import io
 import json
 import os
 import re
+import struct
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -155,13 +157,39 @@ def rewrite_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence
     atomic_write(path, csv_bytes(rows, header=True, columns=columns))
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def encode_png(image: np.ndarray | Image.Image) -> bytes:
-    """PNG at a low compression level: level 1 is ~3x faster than the default and ~1.8x larger (measured)."""
-    buf = io.BytesIO()
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(
-        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+    """8-bit greyscale (H, W) or RGB (H, W, 3) as PNG, written here rather than by Pillow because it is the
+    largest cost of a CPU run after the model.
+
+    Every row uses PNG's Sub filter (each byte minus the same channel of the pixel to its left), computed for
+    the whole image in one numpy subtraction, then zlib level 1. Heatmaps are smooth, so Sub turns them into
+    runs of small numbers: measured on a 1200x900 heatmap, 3.3 ms and 72 KB against 11.5 ms and 120 KB for
+    Pillow at compress_level 1 (its per-row adaptive filter choice is what costs). Decoders see a standard
+    PNG; tests read every file back with Pillow.
+    """
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+        raise ValueError(f"encode_png takes uint8 (H, W) or (H, W, 3), got {array.dtype} {array.shape}")
+    height, width = array.shape[:2]
+    channels = 1 if array.ndim == 2 else 3
+    flat = array.reshape(height, width * channels)
+    rows = np.empty((height, width * channels + 1), dtype=np.uint8)
+    rows[:, 0] = 1  # filter type Sub
+    rows[:, 1 : 1 + channels] = flat[:, :channels]
+    np.subtract(flat[:, channels:], flat[:, :-channels], out=rows[:, 1 + channels :])  # wraps mod 256, as PNG wants
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(rows.data, PNG_COMPRESS_LEVEL)),
+            _png_chunk(b"IEND", b""),
+        )
     )
-    return buf.getvalue()
 
 
 def encode_jpeg(image: np.ndarray | Image.Image) -> bytes:
@@ -174,6 +202,30 @@ def encode_npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array.astype(np.float32, copy=False), allow_pickle=False)
     return buf.getvalue()
+
+
+PILLOW_BLOCKS = 32
+
+
+def pillow_block_cache(blocks: int = PILLOW_BLOCKS) -> int:
+    """Let Pillow keep up to `blocks` freed image blocks for reuse; returns the setting to restore afterwards.
+
+    By default Pillow returns every image's memory to the system when the image dies, so each full-size
+    overlay (the photo, its colour map, their blend) pays for fresh pages again: measured on a 1200x900
+    overlay, blend 7.5 ms without the cache and 3.5 ms with it. The cache only holds memory that was in use
+    at once before, so peak memory does not grow. DataLoader workers forked afterwards inherit it. A larger
+    value set by the user (PILLOW_BLOCKS_MAX) is kept; `restore_pillow_blocks(previous)` puts it back.
+    """
+    core: Any = Image.core
+    before = int(core.get_blocks_max())
+    core.set_blocks_max(max(before, blocks))
+    return before
+
+
+def restore_pillow_blocks(previous: int) -> None:
+    """Pillow's setting as it was before the run: a notebook that called the API keeps its own."""
+    core: Any = Image.core
+    core.set_blocks_max(previous)
 
 
 Encoder = Callable[[], bytes]

@@ -414,3 +414,16 @@ def test_method_names_match_the_cli_choices() -> None:
 
     (method_option,) = [p for p in explain.params if p.name == "method"]
     assert tuple(method_option.type.choices) == METHOD_NAMES  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("yaml_value", "expected"), [("auto", None), ("AUTO", None), ("null", None), ("true", True)])
+def test_channels_last_is_true_false_or_auto(tmp_path: Path, yaml_value: str, expected: bool | None) -> None:
+    assert load_settings(_write(tmp_path, f"channels_last: {yaml_value}\n")).channels_last is expected
+    assert Settings().channels_last is None  # auto: the run decides by device
+
+
+def test_channels_last_other_values_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(GradcamError) as exc:
+        load_settings(_write(tmp_path, "channels_last: sometimes\n"))
+    message = _one_line(exc)
+    assert "channels_last" in message and "true, false or auto" in message

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
 import torch
 import torchvision
 
+from gradcam_cli import explain, load_settings
 from gradcam_cli.engine import CamEngine
 from gradcam_cli.methods import METHODS
 from gradcam_cli.pipeline import TargetSelector, run_splitting_on_oom
@@ -82,3 +88,24 @@ def test_channels_last_gives_the_same_maps() -> None:
     with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
         cl = engine.run(x.contiguous(memory_format=torch.channels_last), selector)
     torch.testing.assert_close(cl.cams["layer4"], plain.cams["layer4"], rtol=1e-4, atol=1e-5)
+
+
+def test_explain_uses_channels_last_on_the_cpu_unless_told_not_to(
+    tmp_path: Path, make_image: Callable[..., Path]
+) -> None:
+    """auto (the default) resolves to channels_last on the CPU and says so in run.json; the maps are the same."""
+    folder = tmp_path / "in"
+    for i in range(3):
+        make_image(folder / f"{i}.png", size=(80, 64), seed=i)
+    runs = {}
+    for name, flag in (("auto", None), ("off", False), ("on", True)):
+        settings = load_settings(
+            None, model="resnet18", weights="none", input_size=96, workers=0, save="npy", channels_last=flag
+        )
+        explain([folder], tmp_path / name, settings)
+        manifest = json.loads((tmp_path / name / "run.json").read_text())
+        runs[name] = (manifest["channels_last"], [np.load(p) for p in sorted((tmp_path / name).rglob("*.npy"))])
+    assert [runs[n][0] for n in ("auto", "off", "on")] == [True, False, True]
+    assert len(runs["auto"][1]) == 3
+    for auto, off in zip(runs["auto"][1], runs["off"][1], strict=True):
+        np.testing.assert_allclose(auto, off, rtol=1e-4, atol=1e-5 * float(np.abs(off).max()))

@@ -208,3 +208,36 @@ def test_auto_detected_name_resolves(resnet18: nn.Module) -> None:
         resnet18(torch.zeros(1, 3, 224, 224))
         handle.remove()
     assert seen == [torch.Size([1, 512, 7, 7])]
+
+
+# --- the catalog shortcut of `explain` ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "input_size", "detects"),
+    [("resnet18", None, False), ("mobilenet_v3_small", None, False), ("resnet18", 160, True)],
+)
+def test_explain_takes_the_layer_from_the_catalog_only_where_it_was_detected(
+    monkeypatch: pytest.MonkeyPatch, model: str, input_size: int | None, detects: bool
+) -> None:
+    """At the model's own input size the table's answer is used (no probe); at another size detection runs.
+
+    Either way the layer is the one detection gives (test_zoo.py checks the table for every model)."""
+    from gradcam_cli import pipeline
+    from gradcam_cli.catalog import MODELS
+    from gradcam_cli.config import load_settings
+    from gradcam_cli.models import load_model
+
+    settings = load_settings(None, model=model, weights="none", input_size=input_size)
+    loaded = load_model(settings)
+    calls: list[tuple[int, int]] = []
+
+    def detect(net: nn.Module, size: tuple[int, int], device: object = "cpu") -> str:
+        calls.append(size)
+        return auto_detect_layer(net, size, device)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "auto_detect_layer", detect)
+    chosen = pipeline._select_layers(loaded, settings, torch.device("cpu"), lambda message: None)
+    assert list(chosen) == [MODELS[model][1]] == [auto_detect_layer(loaded.model, loaded.spec.size)]
+    assert chosen[MODELS[model][1]] is resolve_layer(loaded.model, MODELS[model][1])[1]
+    assert calls == ([loaded.spec.size] if detects else [])
