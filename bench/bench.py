@@ -259,6 +259,16 @@ def bench_model(model: str, photos: Path, n: int, args: argparse.Namespace, with
     def ratio(a: str, b: str) -> float | None:
         return work[a] / work[b] if a in work and b in work else None
 
+    def paired(a: str, b: str) -> float | None:
+        """Median over rounds of that round's work ratio: a and b ran minutes apart at most, so a machine that
+        slows down for a while (other tenants of the host) shifts both and the ratio less than the medians."""
+        if a not in work or b not in work:
+            return None
+        per_round = [
+            max(wa - we, 1e-9) / max(wb - we, 1e-9) for wa, wb, we in zip(walls[a], walls[b], walls["E"], strict=True)
+        ]
+        return statistics.median(per_round)
+
     ratios = {
         "B/A": ratio("B", "A"),
         "C/B": ratio("C", "B"),
@@ -276,6 +286,7 @@ def bench_model(model: str, photos: Path, n: int, args: argparse.Namespace, with
         k: (cpu_work[k.split("/")[0]] / cpu_work[k.split("/")[1]] if v is not None else None) for k, v in ratios.items()
     }
 
+    pairs = {k: paired(*k.split("/")) for k in ratios}
     lines = [f"### {model}", ""]
     rows = []
     for k in cmds:
@@ -319,13 +330,25 @@ def bench_model(model: str, photos: Path, n: int, args: argparse.Namespace, with
             [
                 key,
                 fmt_ratio(value),
+                fmt_ratio(pairs[key]),
                 fmt_ratio(raw[key]),
                 fmt_ratio(cpu_ratio[key]),
                 f"{goal[1]} {goal[2]:.2f}" if goal else "-",
                 goal_met(value, goal[1], goal[2]) if goal else "-",
             ]
         )
-    lines += md_table(["ratio", "work (minus E)", "wall (with start-up)", "CPU s (minus E's)", "goal", "met"], rows)
+    lines += md_table(
+        [
+            "ratio",
+            "work (minus E)",
+            "paired: median of per-round ratios",
+            "wall (with start-up)",
+            "CPU s (minus E's)",
+            "goal",
+            "met",
+        ],
+        rows,
+    )
     lines.append("")
     return lines, {"median": med, "work": work, "ratios": ratios}
 
@@ -476,7 +499,7 @@ def machine_lines() -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of E A A2 B B0 C (D) per model (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of E A A2 B B0 C (D) per model (default 5)")
     parser.add_argument("--models", default="resnet18,resnet50", help="comma-separated torchvision models")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of A and B")
@@ -524,7 +547,9 @@ def main() -> int:
         f"Folder `{rel(photos)}`: {folder} (built by `bench/make_photos.py` from real photos).",
         f"Batch size {args.batch_size}, CPU, `--weights none` / `weights=None`, {args.workers} DataLoader workers "
         f"for A and B. Each process is timed whole (wall clock), alternating {order} for {args.rounds} round(s) "
-        "per model; medians below. Work = median - median(E); ratios are of work times.",
+        "per model; medians below. Work = median - median(E); ratios are of work times (the goal column is "
+        "judged on them). The paired column is the median over rounds of each round's own ratio (work = that "
+        "round's wall minus that round's E): less sensitive to the machine slowing down for part of the run.",
         "",
         "`gradcam explain` runs the model in channels_last memory format on the CPU by default (faster convolutions "
         "here; `--no-channels-last` turns it off). The goals are stated against A, the plain NCHW inference script "

@@ -39,6 +39,7 @@ from gradcam_cli.resume import ResumeState, csv_text, plan_resume
 from gradcam_cli.sinks import (
     CAM_COLUMNS,
     CSV_COLUMNS,
+    JPEG_QUALITY,
     Encoder,
     OutputWriter,
     clean_stale_temps,
@@ -620,6 +621,10 @@ def _stream(
                 "stage_images_per_second": {k: round(done / v, 2) for k, v in stages.items() if v > 0},
             }
             manifest.update(status=status, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            # where overlay JPEGs were encoded: "device" (nvJPEG via torchvision.io) or "pillow" (writer threads)
+            manifest["overlay_jpeg"] = "device" if lut.device_codec else "pillow"
+            if lut.codec_failure is not None:
+                manifest["overlay_jpeg_device_error"] = lut.codec_failure
             if not world.active:
                 manifest.update(counts=counts, **timing)
                 write_manifest(out_dir / "run.json", manifest)
@@ -749,22 +754,49 @@ def run_splitting_on_oom(engine: CamEngine, x: torch.Tensor, selector: Any, amp:
 
 
 class _Colours:
-    """The colormap in both forms the overlay paths need: a device LUT (GPU) and a Pillow palette (CPU)."""
+    """The colormap in both forms the overlay paths need: a device LUT (GPU) and a Pillow palette (CPU).
 
-    def __init__(self, table: Any, device: torch.device, alpha: float) -> None:
+    On CUDA the overlay is also JPEG-encoded there (nvJPEG through torchvision.io), so only the compressed
+    bytes cross to the host; a torchvision built without nvJPEG makes the first call fail, and from then on
+    the uint8 overlay is copied back and encoded by Pillow on a writer thread, as before.
+    """
+
+    def __init__(self, table: Any, device: torch.device, alpha: float, device_codec: bool | None = None) -> None:
         self.on_host = device.type == "cpu"
         self.alpha = alpha
         self.palette = palette(table)
         self.lut = torch.from_numpy(table).to(device)
+        self.device_codec = device.type == "cuda" if device_codec is None else device_codec
+        self.codec_failure: str | None = None
 
     def overlay_encoder(self, original: torch.Tensor, heat_device: torch.Tensor, heat_host: Any) -> Encoder:
-        """On the CPU, colouring + blending + JPEG all run later on a writer thread; on a GPU the blend runs on
-        the device now and only the uint8 overlay comes back."""
-        if self.on_host:
+        """On the CPU, colouring + blending + JPEG all run later on a writer thread; on a GPU the blend (and
+        the JPEG encoding, where torchvision can) runs on the device now and only bytes or uint8 come back."""
+        if self.on_host and not self.device_codec:
             return partial(_overlay_jpeg, original.numpy(), heat_host, self.palette, self.alpha)
         device = heat_device.device
         mixed = blend(original.to(device, non_blocking=True), heat_device, self.lut, self.alpha)
+        if self.device_codec:
+            data = self._device_jpeg(mixed)
+            if data is not None:
+                return partial(bytes, data)
         return partial(encode_jpeg, mixed.cpu().numpy())
+
+    def _device_jpeg(self, mixed: torch.Tensor) -> bytes | None:
+        """JPEG bytes encoded where `mixed` (H, W, 3) lives, or None when this torchvision cannot (remembered)."""
+        import warnings
+
+        import torchvision
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
+                encoded = torchvision.io.encode_jpeg(mixed.permute(2, 0, 1).contiguous(), quality=JPEG_QUALITY)
+        except (RuntimeError, NotImplementedError) as exc:
+            self.device_codec = False
+            self.codec_failure = one_line(exc)
+            return None
+        return bytes(encoded.cpu().numpy().tobytes())
 
 
 def _overlay_jpeg(original: Any, heat: Any, pal: bytes, alpha: float) -> bytes:

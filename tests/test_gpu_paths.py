@@ -1,19 +1,24 @@
-"""The GPU-oriented options, exercised on the CPU: autocast, channels_last, and out-of-memory batch splitting."""
+"""The GPU-oriented options, exercised on the CPU: autocast, channels_last, out-of-memory batch splitting and
+the device JPEG path."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from gradcam_cli import explain, load_settings
+from gradcam_cli.colormaps import lut
 from gradcam_cli.engine import CamEngine
 from gradcam_cli.methods import METHODS
-from gradcam_cli.pipeline import TargetSelector, run_splitting_on_oom
+from gradcam_cli.pipeline import TargetSelector, _Colours, run_splitting_on_oom
 
 
 def _model() -> torch.nn.Module:
@@ -109,3 +114,44 @@ def test_explain_uses_channels_last_on_the_cpu_unless_told_not_to(
     assert len(runs["auto"][1]) == 3
     for auto, off in zip(runs["auto"][1], runs["off"][1], strict=True):
         np.testing.assert_allclose(auto, off, rtol=1e-4, atol=1e-5 * float(np.abs(off).max()))
+
+
+def _overlay_inputs() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    from gradcam_cli.render import heatmap
+
+    torch.manual_seed(2)
+    original = (torch.rand(48, 64, 3) * 255).to(torch.uint8)
+    heat = heatmap(torch.rand(5, 5), (48, 64), (0.0, 0.0, 64.0, 48.0)).pixels
+    return original, heat, lut("jet")
+
+
+def test_device_jpeg_path_gives_the_same_overlay_as_pillow() -> None:
+    """The CUDA path (blend on the device, torchvision.io JPEG there) run on CPU tensors: a JPEG of the same picture."""
+    original, heat, table = _overlay_inputs()
+    device_path = _Colours(table, torch.device("cpu"), 0.5, device_codec=True)
+    host_path = _Colours(table, torch.device("cpu"), 0.5)
+    ours = Image.open(io.BytesIO(device_path.overlay_encoder(original, heat, heat.numpy())()))
+    pillow = Image.open(io.BytesIO(host_path.overlay_encoder(original, heat, heat.numpy())()))
+    assert ours.format == "JPEG" and ours.size == pillow.size == (64, 48)
+    assert device_path.device_codec and device_path.codec_failure is None
+    # both are quality-90 JPEGs of overlays that agree to 1/255 (integer vs Pillow blend rounding)
+    difference = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(pillow, dtype=np.int16))
+    assert difference.mean() < 3.0, difference.mean()
+
+
+def test_device_jpeg_failure_falls_back_to_pillow_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torchvision without nvJPEG fails the first call; that overlay and all later ones go through Pillow."""
+    original, heat, table = _overlay_inputs()
+    calls: list[int] = []
+
+    def no_nvjpeg(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        raise RuntimeError("encode_jpegs_cuda: torchvision not compiled with nvJPEG support")
+
+    monkeypatch.setattr(torchvision.io, "encode_jpeg", no_nvjpeg)
+    colours = _Colours(table, torch.device("cpu"), 0.5, device_codec=True)
+    for _ in range(3):
+        data = colours.overlay_encoder(original, heat, heat.numpy())()
+        assert Image.open(io.BytesIO(data)).format == "JPEG"
+    assert calls == [1] and not colours.device_codec
+    assert colours.codec_failure == "RuntimeError: encode_jpegs_cuda: torchvision not compiled with nvJPEG support"
