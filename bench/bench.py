@@ -82,6 +82,9 @@ class BenchError(RuntimeError):
 # CPU seconds that other processes on the machine used while our timed processes ran (a busy machine skews
 # every ratio on 2 cores); summed over all timed runs, with their wall time
 FOREIGN = {"cpu": 0.0, "wall": 0.0}
+# every timing of E (the same start-up each time): its spread shows the machine itself changing speed during
+# the run (another tenant of the host, frequency), which FOREIGN cannot see from inside this machine
+E_WALLS: list[float] = []
 
 
 def machine_busy_seconds() -> float | None:
@@ -244,6 +247,8 @@ def bench_model(model: str, photos: Path, n: int, args: argparse.Namespace, with
             if name != "E":
                 check_outputs(name, out / name, n, images=not name.startswith("A"))
             walls[name].append(wall)
+            if name == "E":
+                E_WALLS.append(wall)
             cpus[name].append(cpu)
             others[name].append(other)
             print(
@@ -587,9 +592,19 @@ def main() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     share = FOREIGN["cpu"] / max(FOREIGN["wall"] * cores, 1e-9)
     quiet = "the machine was quiet" if share < 0.05 else "**the machine was busy: the numbers are skewed; rerun**"
+    drift = max(E_WALLS) / min(E_WALLS) if E_WALLS else 1.0
+    steady = (
+        "steady"
+        if drift < 1.2
+        else "**not steady: the host slowed down or sped up during the run, so compare ratios within a round "
+        "(the paired column), not medians, and rerun when it is calmer**"
+    )
     report += [
         f"Other processes used {FOREIGN['cpu']:.0f} CPU s during the timed processes' {FOREIGN['wall']:.0f} s "
         f"({100 * share:.1f} % of {cores} cores): {quiet}. Load average at the start: {load_start}.",
+        "",
+        f"Start-up E took {min(E_WALLS, default=0):.2f} to {max(E_WALLS, default=0):.2f} s over the rounds "
+        f"(slowest / fastest {drift:.2f}): the machine's own speed was {steady}.",
         "",
         f"Total benchmark time: {time.perf_counter() - t_start:.0f} s.",
         "",
