@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-_HEX: dict[str, tuple[str, ...]] = {
+_HEX: dict[str, str] = {  # 256 RGB triples as hex, one string per map
     "jet": (
         "00008000008400008900008d00009200009600009b00009f0000a40000a80000ad0000b20000b60000bb0000bf0000c4"
         "0000c80000cd0000d10000d60000da0000df0000e30000e80000ed0000f10000f60000fa0000ff0000ff0000ff0000ff"
@@ -135,5 +135,5 @@ def lut(name: str) -> np.ndarray:
 
     if name == "gray":
         return np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
-    table = np.frombuffer(bytes.fromhex("".join(_HEX[name])), dtype=np.uint8).reshape(256, 3)
+    table = np.frombuffer(bytes.fromhex(_HEX[name]), dtype=np.uint8).reshape(256, 3)
     return table.copy()

@@ -213,7 +213,7 @@ def _catalog_layer(loaded: LoadedModel, settings: Settings) -> str | None:
     """
     import torchvision  # loaded already: the model came from it
 
-    entry = MODELS.get(settings.model)
+    entry = MODELS.get(settings.model or "")
     version = torchvision.__version__.split("+")[0]
     if entry is None or version != TORCHVISION_VERSION or loaded.spec.size != (entry[0], entry[0]):
         return None
