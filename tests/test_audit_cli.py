@@ -14,7 +14,6 @@ so accuracy 2/4, pointing 2/3, confusions cat->dog and dog->bird once each.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -27,6 +26,7 @@ import pytest
 import torch
 from audit_models import PREDICTED, SQUARES, draw_square, make_world
 from click.testing import CliRunner, Result
+from outputs import rows_of
 from PIL import Image
 
 from gradcam_cli import metrics as M
@@ -48,11 +48,6 @@ STEPS = 5
 
 def invoke(*args: Any) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def rows_of(out: Path) -> list[dict[str, str]]:
-    with open(out / "predictions.csv", newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def header_of(out: Path) -> str:

@@ -7,7 +7,6 @@ random weights (`--weights none`): nothing is downloaded.
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import sys
@@ -21,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner, Result
+from outputs import rows_of
 from PIL import Image
 from torchvision.models import ResNet18_Weights
 
@@ -52,11 +52,6 @@ def invoke(*args: str | Path) -> Result:
 def explain(inputs: Path | list[Path], out: Path, *extra: str) -> Result:
     paths = inputs if isinstance(inputs, list) else [inputs]
     return invoke("explain", *paths, "-o", out, *BASE, *extra)
-
-
-def rows_of(out: Path) -> list[dict[str, str]]:
-    with open(out / "predictions.csv", newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def run_json(out: Path) -> dict[str, Any]:

@@ -6,7 +6,6 @@ input (layer4 2x2, layer3 4x4, layer1 16x16) so each run takes about a second.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from outputs import rows_of
 from PIL import Image
 from test_cli import assert_usage_error
 from torchvision.models import ResNet18_Weights
@@ -28,11 +28,6 @@ CATEGORIES = ResNet18_Weights.DEFAULT.meta["categories"]
 def explain(inputs: Path | list[Path], out: Path, *extra: str) -> Result:
     paths = inputs if isinstance(inputs, list) else [inputs]
     return CliRunner().invoke(main, ["explain", *map(str, paths), "-o", str(out), *BASE, *map(str, extra)])
-
-
-def rows_of(out: Path) -> list[dict[str, str]]:
-    with open(out / "predictions.csv", newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")

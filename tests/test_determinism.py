@@ -6,7 +6,6 @@ input, on the CPU.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from outputs import rows_of
 from PIL import Image
 
 from gradcam_cli.cli import main
@@ -24,11 +24,6 @@ TIMING_KEYS = {"started", "finished", "wall_seconds", "images_per_second", "stag
 
 def invoke(*args: str | Path) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def rows_of(out: Path) -> list[dict[str, str]]:
-    with open(out / "predictions.csv", newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def files_of(out: Path) -> dict[str, bytes]:

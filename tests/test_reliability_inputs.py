@@ -7,7 +7,6 @@ where a heatmap must peak is known, and it is fast.
 
 from __future__ import annotations
 
-import csv
 import ctypes
 import json
 import os
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from corpus import STORED_FOR_ORIENTATION, Case, bilevel_bomb, build_corpus, exif_jpeg, smooth_rgb
+from outputs import rows_of
 from PIL import Image, ImageFile
 
 from gradcam_cli.cli import main
@@ -36,11 +36,6 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 def invoke(*args: str | Path) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def rows_of(out: Path) -> list[dict[str, str]]:
-    with open(out / "predictions.csv", newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from outputs import rows_of
 from PIL import Image
 
 from gradcam_cli import sinks
@@ -30,11 +31,6 @@ HEADER = ",".join(CSV_COLUMNS + CAM_COLUMNS)
 
 def invoke(*args: str | Path) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def rows_of(out: Path) -> list[dict[str, str]]:
-    with open(out / "predictions.csv", newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def temp_files(out: Path) -> list[Path]:

@@ -23,6 +23,7 @@ import pytest
 from audit_models import make_world
 from click.testing import CliRunner, Result
 from headless import Browser, find_chromium
+from outputs import rows_of
 from PIL import Image
 
 from gradcam_cli.cli import main
@@ -36,11 +37,6 @@ needs_chromium = pytest.mark.skipif(
 
 def invoke(*args: Any) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def rows_of(out: Path) -> list[dict[str, str]]:
-    with open(out / "predictions.csv", newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def page_data(html: str) -> dict[str, Any]:
