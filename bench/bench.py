@@ -159,30 +159,34 @@ def check_outputs(name: str, out: Path, n: int, images: bool) -> None:
 
 
 def commands(model: str, photos: Path, out: Path, batch: int, workers: int, with_d: bool) -> dict[str, list[str]]:
+    """argv of every process, in the order a round runs them (each writes to out/<its name>)."""
     b = str(batch)
-    cmds = {
-        "E": [PY, "-c", "import torch, torchvision"],
-        "A": [
+
+    def plain(name: str, *extra: str) -> list[str]:
+        script = str(BENCH / "plain_inference.py")
+        return [
             PY,
-            str(BENCH / "plain_inference.py"),
+            script,
             str(photos),
-            str(out / "A"),
+            str(out / name),
             "--model",
             model,
             "--batch-size",
             b,
             "--workers",
             str(workers),
-        ],
-        "A2": [],
-        "B": [
+            *extra,
+        ]
+
+    def explain(name: str, *extra: str) -> list[str]:
+        return [
             PY,
             "-m",
             "gradcam_cli",
             "explain",
             str(photos),
             "-o",
-            str(out / "B"),
+            str(out / name),
             "--model",
             model,
             "--weights",
@@ -194,25 +198,22 @@ def commands(model: str, photos: Path, out: Path, batch: int, workers: int, with
             "--workers",
             str(workers),
             "--quiet",
-        ],
-        "B0": [],
-        "C": [PY, str(BENCH / "pgc_script.py"), str(photos), str(out / "C"), "--model", model, "--batch-size", b],
-    }
-    cmds["A2"] = [*cmds["A"], "--channels-last"]
-    cmds["A2"][3] = str(out / "A2")
-    cmds["B0"] = [*cmds["B"], "--no-channels-last"]
-    cmds["B0"][6] = str(out / "B0")
-    if with_d:
-        cmds["D"] = [
-            PY,
-            str(BENCH / "torchcam_script.py"),
-            str(photos),
-            str(out / "D"),
-            "--model",
-            model,
-            "--batch-size",
-            b,
+            *extra,
         ]
+
+    def script(name: str, path: str) -> list[str]:
+        return [PY, str(BENCH / path), str(photos), str(out / name), "--model", model, "--batch-size", b]
+
+    cmds = {
+        "E": [PY, "-c", "import torch, torchvision"],
+        "A": plain("A"),
+        "A2": plain("A2", "--channels-last"),
+        "B": explain("B"),
+        "B0": explain("B0", "--no-channels-last"),
+        "C": script("C", "pgc_script.py"),
+    }
+    if with_d:
+        cmds["D"] = script("D", "torchcam_script.py")
     return cmds
 
 
