@@ -796,7 +796,7 @@ class _Colours:
             self.device_codec = False
             self.codec_failure = one_line(exc)
             return None
-        return bytes(encoded.cpu().numpy().tobytes())
+        return encoded.cpu().numpy().tobytes()
 
 
 def _overlay_jpeg(original: Any, heat: Any, pal: bytes, alpha: float) -> bytes:
