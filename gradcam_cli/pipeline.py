@@ -9,6 +9,7 @@ Only a bounded number of batches is in flight at each stage, so memory does not 
 from __future__ import annotations
 
 import difflib
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -225,7 +226,7 @@ def _catalog_layer(loaded: LoadedModel, settings: Settings) -> str | None:
 
 
 def explain(
-    inputs: Sequence[str | Path],
+    inputs: str | Path | Sequence[str | Path],
     out: str | Path,
     settings: Settings,
     progress: ProgressFn | None = None,
@@ -237,6 +238,8 @@ def explain(
     Per-image problems become `status=error` rows; problems with the call itself raise GradcamError. Under
     torchrun each rank explains its share and rank 0 merges (see `gradcam_cli.distributed`); only rank 0 logs.
     """
+    if isinstance(inputs, (str, os.PathLike)):  # one folder or file: a str must not be walked letter by letter
+        inputs = [inputs]
     world = World.from_env(settings.dist_timeout)
     with world.joined(settings.device), world.starting():
         return _explain(inputs, out, settings, progress, log if world.rank == 0 else None, on_start, world)
@@ -732,6 +735,8 @@ def run_splitting_on_oom(engine: CamEngine, x: torch.Tensor, selector: Any, amp:
     """engine.run, halving the batch and retrying when the device runs out of memory; no image is dropped.
 
     With `amp` the forward (and the head's backward) run under autocast; the CAM maths is float32 in the engine.
+    The retry runs after the `except` block, not in it: while the handler runs, the exception's traceback keeps
+    the failed attempt's frames, and with them its activations, alive on the device.
     """
     try:
         if amp == "none":
@@ -741,16 +746,16 @@ def run_splitting_on_oom(engine: CamEngine, x: torch.Tensor, selector: Any, amp:
     except torch.cuda.OutOfMemoryError:
         if x.shape[0] == 1:
             raise
-        if x.device.type == "cuda":
-            torch.cuda.empty_cache()
-        half = x.shape[0] // 2
-        first, second = selector.split(half) if hasattr(selector, "split") else (selector, selector)
-        return CamResult.cat(
-            [
-                run_splitting_on_oom(engine, x[:half], first, amp),
-                run_splitting_on_oom(engine, x[half:], second, amp),
-            ]
-        )
+    if x.device.type == "cuda":
+        torch.cuda.empty_cache()
+    half = x.shape[0] // 2
+    first, second = selector.split(half) if hasattr(selector, "split") else (selector, selector)
+    return CamResult.cat(
+        [
+            run_splitting_on_oom(engine, x[:half], first, amp),
+            run_splitting_on_oom(engine, x[half:], second, amp),
+        ]
+    )
 
 
 class _Colours:

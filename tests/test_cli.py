@@ -404,6 +404,25 @@ def test_paths_are_relative_to_each_input_root(image_dir: Path, tmp_path: Path, 
     assert (out / "heatmaps" / "b.png.png").is_file()
 
 
+def test_python_api_takes_one_folder_as_str_or_path(image_dir: Path, tmp_path: Path) -> None:
+    """`gradcam_cli.explain("photos", "out")` as a notebook writes it: one input, not a list of its letters."""
+    import gradcam_cli
+
+    rows = {}
+    for name, inputs in (("list", [image_dir / "sub"]), ("path", image_dir / "sub"), ("str", str(image_dir / "sub"))):
+        summary = gradcam_cli.explain(
+            inputs, tmp_path / name, model="resnet18", weights="none", input_size=64, workers=0, quiet=True
+        )
+        assert summary.errors == 0 and summary.ok == 5, summary
+        rows[name] = [r["path"] for r in rows_of(tmp_path / name)]
+    assert (
+        rows["path"]
+        == rows["str"]
+        == rows["list"]
+        == ["a.jpg", "a.png", "deeper/g.bmp", "deeper/r.WEBP", "deeper/t.TiFF"]
+    )
+
+
 def test_extensions_in_any_case(tmp_path: Path, make_image: Callable[..., Path], fast: list[str]) -> None:
     src = tmp_path / "src"
     names = ["a.JPEG", "b.Png", "c.BMP", "d.webp", "e.TIF", "f.tiff", "g.jpg"]

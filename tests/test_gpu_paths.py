@@ -53,6 +53,35 @@ def test_oom_halves_the_batch_and_keeps_every_image(monkeypatch) -> None:  # typ
     assert torch.equal(split.targets, whole.targets)
 
 
+def test_oom_retry_runs_after_the_failed_attempt_is_released(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The failed attempt's tensors (held by its traceback's frames) are gone before the halves run; retrying
+    inside the `except` block would keep them on the device and make the retry fail too."""
+    import gc
+    import weakref
+
+    model, x = _model(), _inputs()
+    alive_at_retry: list[bool] = []
+    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+        real_run = engine.run
+        failed: list[weakref.ref[torch.Tensor]] = []
+
+        def big_then_small(batch: torch.Tensor, select: object) -> object:
+            if batch.shape[0] > 3:
+                activations = torch.empty(1024, 1024)  # what a forward holds when the allocator gives up
+                failed.append(weakref.ref(activations))
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            gc.disable()  # only reference counting may free it, as on the device between two allocations
+            try:
+                alive_at_retry.append(failed[0]() is not None)
+            finally:
+                gc.enable()
+            return real_run(batch, select)
+
+        monkeypatch.setattr(engine, "run", big_then_small)
+        run_splitting_on_oom(engine, x, TargetSelector(["pred"], []))
+    assert alive_at_retry == [False, False]
+
+
 def test_oom_on_a_single_image_is_raised(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     model = _model()
     with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
@@ -105,7 +134,14 @@ def test_explain_uses_channels_last_on_the_cpu_unless_told_not_to(
     runs = {}
     for name, flag in (("auto", None), ("off", False), ("on", True)):
         settings = load_settings(
-            None, model="resnet18", weights="none", input_size=96, workers=0, save="npy", channels_last=flag
+            None,
+            model="resnet18",
+            weights="none",
+            input_size=96,
+            workers=0,
+            save="npy",
+            channels_last=flag,
+            device="cpu",  # auto would pick a GPU where there is one, and channels_last auto is off there
         )
         explain([folder], tmp_path / name, settings)
         manifest = json.loads((tmp_path / name / "run.json").read_text())
