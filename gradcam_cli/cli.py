@@ -19,6 +19,7 @@ from gradcam_cli.colormaps import COLORMAP_NAMES
 from gradcam_cli.config import (
     AMP_MODES,
     BASELINES,
+    DECODE_MODES,
     FUSE_MODES,
     METHOD_NAMES,
     PREPROCESS_MODES,
@@ -158,6 +159,12 @@ def main() -> None:
     "--channels-last/--no-channels-last",
     default=None,
     help="channels_last memory format for model and inputs. [default: on for the CPU, off on CUDA]",
+)
+@click.option(
+    "--decode",
+    type=click.Choice(DECODE_MODES),
+    help="Where JPEGs are decoded: workers (Pillow) or device (torchvision.io; nvJPEG on CUDA). "
+    "[default: auto = device on CUDA, workers otherwise]",
 )
 @click.option(
     "--max-pixels",

@@ -41,6 +41,8 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 TARGET_PATTERN = re.compile(r"^(pred|label|topk:[1-9]\d*)$")
 # Pillow's own default for Image.MAX_IMAGE_PIXELS (it only warns there and refuses at twice that); we refuse at it
 DEFAULT_MAX_PIXELS = 89_478_485
+# where JPEGs are decoded: Pillow in the DataLoader workers, or torchvision.io on the compute device (nvJPEG)
+DECODE_MODES: tuple[str, ...] = ("auto", "workers", "device")
 MAX_INPUT_SIDE = 4096
 # explanation-quality metrics (issue 7), in the order their CSV columns are appended
 METRIC_NAMES: tuple[str, ...] = ("deletion", "insertion", "drop", "pointing", "energy")
@@ -76,6 +78,7 @@ class Settings:
     quiet: bool = False
     amp: str = "none"
     channels_last: bool | None = None  # None = auto: on for the CPU (measured faster there), off on CUDA
+    decode: str = "auto"  # auto: JPEGs decoded on the device on CUDA, by Pillow in the workers otherwise
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     resume: bool = False
@@ -378,6 +381,7 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "quiet": _v_bool,
     "amp": _v_choice(AMP_MODES),
     "channels_last": _v_auto_bool,
+    "decode": _v_choice(DECODE_MODES),
     "seed": _v_nonneg_int,
     "max_pixels": _v_positive_int,
     "resume": _v_bool,

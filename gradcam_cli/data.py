@@ -12,6 +12,7 @@ bombs), and a file that ends early is an error, never an image with invented pix
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 import struct
@@ -237,21 +238,93 @@ def _explain_failure(exc: OSError, fh: IO[bytes], size: int) -> Exception:
     return exc
 
 
-def model_input(img: Image.Image, spec: InputSpec) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """(3, h, w) uint8 model input and the box (x0, y0, x1, y1) in original pixels that it shows."""
-    width, height = img.size
+@dataclass(frozen=True)
+class Geometry:
+    """Where the model input comes from: resize the whole image to `resized` (W, H), then cut `crop`
+    (left, top, right, bottom) out of it; `box` is that crop in original pixels (x0, y0, x1, y1).
+
+    One definition for both decoders (Pillow in the workers, torchvision on the device), so their inputs and
+    the heatmaps' placement agree.
+    """
+
+    resized: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    box: tuple[float, float, float, float]
+
+
+def input_geometry(width: int, height: int, spec: InputSpec) -> Geometry:
     out_h, out_w = spec.size
     if spec.mode == "crop":
         scale = spec.resize_size / min(width, height)
         rw, rh = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
-        resized = img.resize((rw, rh), Image.Resampling.BILINEAR)
         left, top = int(round((rw - out_w) / 2.0)), int(round((rh - out_h) / 2.0))
-        arr = np.asarray(resized.crop((left, top, left + out_w, top + out_h)))
         box = (left / scale, top / scale, (left + out_w) / scale, (top + out_h) / scale)
-    else:
-        arr = np.asarray(img.resize((out_w, out_h), Image.Resampling.BILINEAR))
-        box = (0.0, 0.0, float(width), float(height))
-    return np.ascontiguousarray(arr.transpose(2, 0, 1)), box
+        return Geometry((rw, rh), (left, top, left + out_w, top + out_h), box)
+    return Geometry((out_w, out_h), (0, 0, out_w, out_h), (0.0, 0.0, float(width), float(height)))
+
+
+def model_input(img: Image.Image, spec: InputSpec) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """(3, h, w) uint8 model input and the box (x0, y0, x1, y1) in original pixels that it shows."""
+    geo = input_geometry(img.width, img.height, spec)
+    resized = img.resize(geo.resized, Image.Resampling.BILINEAR)
+    if geo.crop != (0, 0, *geo.resized):
+        resized = resized.crop(geo.crop)
+    arr = np.asarray(resized)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)), geo.box
+
+
+@dataclass
+class Encoded:
+    """A JPEG left undecoded by the worker, for the compute device to decode (`--decode device`)."""
+
+    data: torch.Tensor  # 1-D uint8: the file's bytes
+    orientation: int  # EXIF orientation 1-8, applied after decoding as Pillow's exif_transpose would
+
+
+def _oriented_size(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """(H, W) as a viewer shows the image: orientations 5-8 swap the sides."""
+    return (width, height) if orientation >= 5 else (height, width)
+
+
+def probe_jpeg(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Encoded, int, int] | None:
+    """The file's bytes and its (width, height) as stored, when the device decoder can take it; else None.
+
+    Only the plain case goes to the device: a complete 8-bit RGB or greyscale JPEG (starts with SOI, ends with
+    EOI) within `max_pixels`. Everything else (CMYK, truncated, trailing data, too large, unreadable) returns
+    None and is decoded by Pillow as before, so the error messages and the special cases stay in one place.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        with open(os.open(path, flags), "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size < 4:
+                return None
+            head = fh.read(3)
+            if head != b"\xff\xd8\xff":
+                return None
+            data = bytearray(head)
+            data += fh.read()
+    except OSError:
+        return None
+    if not bytes(data[-64:]).rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        return None
+    with _strict_pillow():
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                    return None
+                width, height = im.size
+                try:
+                    orientation = int(im.getexif().get(0x0112, 1))
+                except Exception:
+                    orientation = 1  # unreadable EXIF: pixels as stored, as decode_rgb does
+        except Exception:
+            return None
+    if max_pixels is not None and width * height > max_pixels:
+        return None
+    if orientation not in range(1, 9):
+        orientation = 1
+    return Encoded(torch.frombuffer(data, dtype=torch.uint8), orientation), width, height
 
 
 @dataclass
@@ -264,6 +337,7 @@ class Sample:
     original: torch.Tensor | None = None  # (H, W, 3) uint8, only when an overlay is wanted
     size: tuple[int, int] = (0, 0)  # (H, W) of the original
     box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    encoded: Encoded | None = None  # instead of `input`/`original` when the device decodes it
 
 
 def one_line(exc: BaseException) -> str:
@@ -278,12 +352,18 @@ class ImageDataset(torch.utils.data.Dataset[Sample]):
     """Decodes file i into a `Sample`; runs inside DataLoader workers."""
 
     def __init__(
-        self, files: Sequence[ImageFile], spec: InputSpec, keep_original: bool, max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        files: Sequence[ImageFile],
+        spec: InputSpec,
+        keep_original: bool,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        device_decode: bool = False,
     ) -> None:
         self.files = list(files)
         self.spec = spec
         self.keep_original = keep_original
         self.max_pixels = max_pixels
+        self.device_decode = device_decode
 
     def __len__(self) -> int:
         return len(self.files)
@@ -291,6 +371,13 @@ class ImageDataset(torch.utils.data.Dataset[Sample]):
     def __getitem__(self, index: int) -> Sample:
         if self.files[index].error is not None:
             return Sample(index, self.files[index].error)
+        if self.device_decode:
+            probed = probe_jpeg(self.files[index].path, self.max_pixels)
+            if probed is not None:
+                encoded, width, height = probed
+                size = _oriented_size(width, height, encoded.orientation)
+                box = input_geometry(size[1], size[0], self.spec).box
+                return Sample(index, None, size=size, box=box, encoded=encoded)
         try:
             img = decode_rgb(self.files[index].path, self.max_pixels)
             arr, box = model_input(img, self.spec)
@@ -305,11 +392,14 @@ class Batch:
     """The good samples of a batch stacked for the model, plus the failures, in input order."""
 
     indices: list[int] = field(default_factory=list)
-    inputs: torch.Tensor | None = None  # (B, 3, h, w) uint8
+    inputs: torch.Tensor | None = None  # (B, 3, h, w) uint8; None while `encoded` holds undecoded JPEGs
     originals: list[torch.Tensor | None] = field(default_factory=list)
+    encoded: list[Encoded | None] = field(default_factory=list)  # per image: bytes for the device, or None
     sizes: list[tuple[int, int]] = field(default_factory=list)
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
     errors: list[tuple[int, str]] = field(default_factory=list)
+
+    parts: list[torch.Tensor | None] = field(default_factory=list)  # per image (3, h, w) inputs, before stacking
 
     def pin_memory(self) -> Batch:
         if self.inputs is not None:
@@ -327,10 +417,13 @@ def collate(samples: list[Sample]) -> Batch:
         good.append(s.input)
         batch.indices.append(s.index)
         batch.originals.append(s.original)
+        batch.encoded.append(s.encoded)
         batch.sizes.append(s.size)
         batch.boxes.append(s.box)
-    if good:
+    if good and all(t is not None for t in good):
         batch.inputs = torch.stack(good)  # type: ignore[arg-type]
+    elif good:  # some are bytes for the device: keep the decoded ones per image until it has decoded the rest
+        batch.parts = good
     return batch
 
 
@@ -342,10 +435,11 @@ def make_loader(
     keep_original: bool,
     pin: bool,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    device_decode: bool = False,
 ) -> torch.utils.data.DataLoader[Sample]:
     """Ordered, bounded streaming: at most workers*2 batches are decoded ahead of the model."""
     return torch.utils.data.DataLoader(
-        ImageDataset(files, spec, keep_original, max_pixels),
+        ImageDataset(files, spec, keep_original, max_pixels, device_decode),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

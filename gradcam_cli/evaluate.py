@@ -318,7 +318,7 @@ def subset_batch(batch: Any, keep: list[int]) -> Any:
     for f in fields(batch):
         value = getattr(batch, f.name)
         if f.name == "inputs":
-            changes[f.name] = value[keep] if keep else None
+            changes[f.name] = value[keep] if keep and value is not None else None
         elif f.name != "errors" and isinstance(value, list) and len(value) == n:
             changes[f.name] = [value[i] for i in keep]
     return replace(batch, **changes)

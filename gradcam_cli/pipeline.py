@@ -277,6 +277,7 @@ def _explain(
     loaded.model.to(device)
     if settings.channels_last:
         loaded.model.to(memory_format=torch.channels_last)
+    settings, decode_error = _resolve_decode(settings, device)
     held: list[str] = list(loaded.notes)  # messages wait until the probe passed: a usage error must be the only line
     layers = _select_layers(loaded, settings, device, held.append)
     selector = TargetSelector(settings.targets, loaded.labels)
@@ -291,6 +292,7 @@ def _explain(
         chunk_size=settings.chunk_size,
     )
     plan = _Plan(list(inputs), out_dir, files, settings, device, loaded, layers, selector)
+    plan.decode_error = decode_error
     plan.map_names = _map_names(layers, settings)
     plan.truth_index, plan.truth_why, plan.truth_source = _ground_truth(
         files, inputs, settings, loaded, selector, held.append
@@ -358,6 +360,24 @@ class _Plan:
     truth_index: list[int | None] | None = None
     truth_why: list[str] = field(default_factory=list)
     truth_source: str | None = None
+    decode_error: str | None = None  # why `--decode auto` could not decode on this device (run.json)
+
+
+def _resolve_decode(settings: Settings, device: torch.device) -> tuple[Settings, str | None]:
+    """`decode` as it will run (workers or device) and, for auto, why the device could not take it.
+
+    auto means the device on CUDA (nvJPEG: the workers' Pillow decode is what limits a GPU run) and the
+    workers elsewhere (on a CPU the workers decode in parallel with the model; in the main process decoding
+    would wait for it). An explicit `device` that cannot decode is a usage error, not a silent fallback.
+    """
+    if settings.decode == "workers" or (settings.decode == "auto" and device.type != "cuda"):
+        return settings.replace(decode="workers"), None
+    from gradcam_cli.devicedecode import device_decoder_error
+
+    error = device_decoder_error(device)
+    if error is not None and settings.decode == "device":
+        raise GradcamError(f"--decode device: torchvision cannot decode JPEGs on {device} here ({error})")
+    return settings.replace(decode="workers" if error else "device"), error
 
 
 def _map_names(layers: dict[str, Any], settings: Settings) -> list[str]:
@@ -469,6 +489,7 @@ def _manifest(plan: _Plan) -> dict[str, Any]:
         "alpha": s.alpha,
         "amp": s.amp,
         "channels_last": s.channels_last,
+        "decode": s.decode,
         "seed": s.seed,
         "input_roots": [str(Path(p).resolve()) for p in plan.inputs],
         "labels": list(plan.loaded.labels),
@@ -553,7 +574,13 @@ def _stream(
         keep_original="overlay" in save,
         pin=device.type == "cuda",
         max_pixels=settings.max_pixels,
+        device_decode=settings.decode == "device",
     )
+    decoder = None
+    if settings.decode == "device":
+        from gradcam_cli.devicedecode import DeviceDecoder
+
+        decoder = DeviceDecoder(spec, device, "overlay" in save, lambda i: files[i].path, settings.max_pixels)
     stages = {"decode_wait": 0.0, "compute": 0.0, "render": 0.0}
     ok = errors = 0
     start = time.perf_counter()
@@ -567,6 +594,8 @@ def _stream(
         t_wait = time.perf_counter()
         for batch in loader:
             stages["decode_wait"] += time.perf_counter() - t_wait
+            if decoder is not None:
+                batch = decoder.finish(batch)
             rows: dict[int, list[dict[str, Any]]] = {}
             outputs: list[tuple[str, Encoder]] = []
             for index, message in batch.errors:
@@ -609,6 +638,8 @@ def _stream(
                 _restore_input_order(out_dir / "predictions.csv", all_files, plan.columns)
             seconds = time.perf_counter() - start
             stages["write_threads"] = writer.write_seconds
+            if decoder is not None:
+                stages["device_decode"] = decoder.seconds
             skipped = len(resumed.done)
             confident = evaluator.skipped if evaluator is not None else 0
             counts = {"images": len(all_files), "ok": ok + skipped, "error": errors}
@@ -628,6 +659,10 @@ def _stream(
             manifest["overlay_jpeg"] = "device" if lut.device_codec else "pillow"
             if lut.codec_failure is not None:
                 manifest["overlay_jpeg_device_error"] = lut.codec_failure
+            if plan.decode_error is not None:
+                manifest["decode_device_error"] = plan.decode_error
+            if decoder is not None:
+                manifest["device_decoded"] = {"jpeg": decoder.decoded, "pillow_fallback": decoder.fallbacks}
             if not world.active:
                 manifest.update(counts=counts, **timing)
                 write_manifest(out_dir / "run.json", manifest)

@@ -98,6 +98,7 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "resume": [True, False],
     "amp": ["none", "bf16", "fp16", "fp32"],
     "channels_last": [True, False, "auto"],
+    "decode": ["auto", "workers", "device", "nvjpeg"],
     "seed": [0, 7, 2**40],
     # audit (issue 7); boxes.csv and masks/ exist in the end-to-end test's folder
     "metrics": ["deletion", "drop", "pointing,energy", [], ["insertion", "deletion"], "speed"],
