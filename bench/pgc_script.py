@@ -34,10 +34,11 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu_bench.py)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = torchvision.models.get_model(args.model, weights=None).eval()
+    model = torchvision.models.get_model(args.model, weights=None).eval().to(args.device)
     labels = torchvision.models.get_model_weights(args.model).DEFAULT.meta["categories"]
     preprocess = transforms.Compose(
         [transforms.Resize((224, 224)), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
@@ -54,7 +55,7 @@ def main() -> None:
         for start in range(0, len(files), args.batch_size):
             paths = files[start : start + args.batch_size]
             images = [Image.open(p).convert("RGB") for p in paths]
-            input_tensor = torch.stack([preprocess(img) for img in images])
+            input_tensor = torch.stack([preprocess(img) for img in images]).to(args.device)
 
             grayscale_cams = cam(input_tensor=input_tensor, targets=None)  # targets=None: the predicted class
             probs = cam.outputs.softmax(dim=1)
