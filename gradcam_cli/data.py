@@ -170,8 +170,27 @@ def _check_complete(fh: IO[bytes], fmt: str | None, size: int) -> None:
         raise BadImage("truncated image: the GIF ends before its trailer byte")
 
 
+def _oriented(im: Image.Image) -> Image.Image:
+    """The image as viewers show it (EXIF orientation applied); the image itself when nothing turns it.
+
+    `ImageOps.exif_transpose` returns a copy even for orientation 1, a full-size copy per photo for nothing.
+    """
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+        if orientation not in (2, 3, 4, 5, 6, 7, 8):
+            return im
+        return ImageOps.exif_transpose(im)
+    except Exception:
+        return im  # unreadable EXIF: show the pixels as stored, as viewers do
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any mode -> 8-bit RGB as a viewer shows it: 16-bit scaled down, transparency composited on white."""
+    """Any mode -> 8-bit RGB as a viewer shows it: 16-bit scaled down, transparency composited on white.
+
+    An RGB image without transparency is returned as it is (Pillow's convert would copy it).
+    """
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(im, dtype=np.int64)
         im = Image.fromarray((arr >> 8).clip(0, 255).astype(np.uint8), mode="L")
@@ -217,11 +236,7 @@ def decode_rgb(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image
                 except OSError as exc:
                     raise _explain_failure(exc, fh, st.st_size) from None
                 _check_complete(fh, im.format, st.st_size)
-                try:
-                    oriented = ImageOps.exif_transpose(im)
-                except Exception:
-                    oriented = im  # unreadable EXIF: show the pixels as stored, as viewers do
-                return _to_rgb(oriented)
+                return _to_rgb(_oriented(im))
 
 
 def _explain_failure(exc: OSError, fh: IO[bytes], size: int) -> Exception:
@@ -236,6 +251,42 @@ def _explain_failure(exc: OSError, fh: IO[bytes], size: int) -> Exception:
             f"truncated image: the WebP file is {size} bytes, its header says {struct.unpack('<I', head[4:8])[0] + 8}"
         )
     return exc
+
+
+def rgb_tensor(img: Image.Image) -> torch.Tensor:
+    """(H, W, 3) uint8 pixels of an RGB image, copied once; in a DataLoader worker straight into shared memory.
+
+    The full-size photo goes back to the main process for the overlay. `np.array(img)` costs two full copies
+    (Pillow's `tobytes`, then numpy's), and sending an ordinary tensor from a worker a third (into shared
+    memory). Here Pillow's raw encoder unpacks the image in cache-sized pieces into a tensor that already lives
+    where the worker would send it, so the DataLoader passes on its handle without copying.
+    """
+    width, height = img.size
+    if torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(height * width * 3)
+        out = torch.empty(0, dtype=torch.uint8).set_(storage).view(height, width, 3)
+    else:
+        out = torch.empty((height, width, 3), dtype=torch.uint8)
+    flat = out.numpy().reshape(-1)
+    try:
+        encoder = Image._getencoder("RGB", "raw", "RGB")
+        encoder.setimage(img.im, (0, 0, width, height))
+    except Exception:  # a Pillow without these internals: the plain (two-copy) way
+        flat[:] = np.asarray(img).reshape(-1)
+        return out
+    try:
+        pos = 0
+        while True:
+            _, status, chunk = encoder.encode(max(65536, width * 4))
+            flat[pos : pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+            pos += len(chunk)
+            if status:
+                break
+    finally:
+        encoder.cleanup()
+    if status < 0 or pos != flat.size:
+        raise BadImage(f"could not unpack the decoded pixels (Pillow raw encoder status {status})")
+    return out
 
 
 @dataclass(frozen=True)
@@ -381,7 +432,7 @@ class ImageDataset(torch.utils.data.Dataset[Sample]):
         try:
             img = decode_rgb(self.files[index].path, self.max_pixels)
             arr, box = model_input(img, self.spec)
-            original = torch.from_numpy(np.array(img)) if self.keep_original else None
+            original = rgb_tensor(img) if self.keep_original else None
             return Sample(index, None, torch.from_numpy(arr), original, (img.height, img.width), box)
         except Exception as exc:
             return Sample(index, one_line(exc))
