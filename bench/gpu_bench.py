@@ -54,6 +54,31 @@ def timed(argv: list[str], log: Path) -> float:
     return wall
 
 
+def explain_argv(folder: Path, out: Path, model: str, args: argparse.Namespace, *extra: str) -> list[str]:
+    """`gradcam explain` on the GPU with the run's batch size and workers, plus `extra` flags."""
+    return [
+        PY,
+        "-m",
+        "gradcam_cli",
+        "explain",
+        str(folder),
+        "-o",
+        str(out),
+        "--model",
+        model,
+        "--weights",
+        "none",
+        "--batch-size",
+        str(args.batch_size),
+        "--device",
+        "cuda",
+        "--workers",
+        str(args.workers),
+        "--quiet",
+        *extra,
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=8)
@@ -96,46 +121,8 @@ def main() -> int:
                 "--device",
                 "cuda",
             ],
-            "B": [
-                PY,
-                "-m",
-                "gradcam_cli",
-                "explain",
-                str(folder),
-                "-o",
-                str(out / model / "B"),
-                "--model",
-                model,
-                "--weights",
-                "none",
-                *common,
-                "--device",
-                "cuda",
-                "--workers",
-                str(args.workers),
-                "--quiet",
-            ],
-            "B1": [
-                PY,
-                "-m",
-                "gradcam_cli",
-                "explain",
-                str(folder),
-                "-o",
-                str(out / model / "B1"),
-                "--model",
-                model,
-                "--weights",
-                "none",
-                *common,
-                "--device",
-                "cuda",
-                "--workers",
-                str(args.workers),
-                "--quiet",
-                "--decode",
-                "workers",
-            ],
+            "B": explain_argv(folder, out / model / "B", model, args),
+            "B1": explain_argv(folder, out / model / "B1", model, args, "--decode", "workers"),
             "C": [
                 PY,
                 "bench/pgc_script.py",
