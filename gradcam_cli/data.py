@@ -170,15 +170,23 @@ def _check_complete(fh: IO[bytes], fmt: str | None, size: int) -> None:
         raise BadImage("truncated image: the GIF ends before its trailer byte")
 
 
+def _exif_orientation(im: Image.Image) -> int:
+    """EXIF orientation 1-8; 1 (pixels as stored, as viewers do) when absent, unreadable or out of range."""
+    try:
+        orientation = int(im.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
 def _oriented(im: Image.Image) -> Image.Image:
     """The image as viewers show it (EXIF orientation applied); the image itself when nothing turns it.
 
     `ImageOps.exif_transpose` returns a copy even for orientation 1, a full-size copy per photo for nothing.
     """
+    if _exif_orientation(im) == 1:
+        return im
     try:
-        orientation = im.getexif().get(0x0112, 1)
-        if orientation not in (2, 3, 4, 5, 6, 7, 8):
-            return im
         return ImageOps.exif_transpose(im)
     except Exception:
         return im  # unreadable EXIF: show the pixels as stored, as viewers do
@@ -201,15 +209,20 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _open_for_reading(path: Path) -> IO[bytes]:
+    """The file opened for binary reading; O_NONBLOCK because opening a FIFO would otherwise wait for a writer
+    forever (decode_rgb then reports what kind of file it is)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    return open(os.open(path, flags), "rb")
+
+
 def decode_rgb(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image as viewers show it: EXIF orientation applied, first frame, RGB, 16-bit scaled to 8-bit.
 
     Raises BadImage (or OSError) with a one-line reason for anything that is not a complete, decodable
     image no larger than `max_pixels`.
     """
-    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    with open(os.open(path, flags), "rb") as fh:
+    with _open_for_reading(path) as fh:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode):
             kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a file")
@@ -344,9 +357,8 @@ def probe_jpeg(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple
     EOI) within `max_pixels`. Everything else (CMYK, truncated, trailing data, too large, unreadable) returns
     None and is decoded by Pillow as before, so the error messages and the special cases stay in one place.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with open(os.open(path, flags), "rb") as fh:
+        with _open_for_reading(path) as fh:
             st = os.fstat(fh.fileno())
             if not stat.S_ISREG(st.st_mode) or st.st_size < 4:
                 return None
@@ -365,16 +377,11 @@ def probe_jpeg(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple
                 if im.format != "JPEG" or im.mode not in ("RGB", "L"):
                     return None
                 width, height = im.size
-                try:
-                    orientation = int(im.getexif().get(0x0112, 1))
-                except Exception:
-                    orientation = 1  # unreadable EXIF: pixels as stored, as decode_rgb does
+                orientation = _exif_orientation(im)
         except Exception:
             return None
     if max_pixels is not None and width * height > max_pixels:
         return None
-    if orientation not in range(1, 9):
-        orientation = 1
     return Encoded(torch.frombuffer(data, dtype=torch.uint8), orientation), width, height
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradcam_cli.data import Batch, Geometry, decode_rgb, input_geometry, model_input, one_line
+from gradcam_cli.data import Batch, Geometry, decode_rgb, input_geometry, model_input, one_line, rgb_tensor
 from gradcam_cli.evaluate import subset_batch
 from gradcam_cli.models import InputSpec
 
@@ -176,9 +176,7 @@ class DeviceDecoder:
         except Exception as exc:
             errors.append((index, one_line(exc)))
             return False
-        import numpy as np
-
         inputs[p] = torch.from_numpy(arr)
         if self.keep_original:
-            originals[p] = torch.from_numpy(np.array(img)).to(self.device)
+            originals[p] = rgb_tensor(img).to(self.device)
         return True
