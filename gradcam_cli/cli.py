@@ -1,8 +1,6 @@
-"""The `gradcam` command: a thin Click layer over the Python API.
-
-Parses flags, calls `gradcam_cli.pipeline.explain` (or the model listings), and maps errors to one line and
-an exit code: 0 every image explained, 1 some images failed, 2 usage/config/model/layer error.
-torch is imported only inside the commands that need it, so `--help` and usage errors answer at once.
+"""The `gradcam` command: Click only. Parses flags, calls `gradcam_cli.api` (or the model listings), and maps
+errors to one line and an `ExitCode`. It holds no logic the Python API lacks, and is the only module that
+prints. torch is imported only inside the commands that need it, so `--help` and usage errors answer at once.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from typing import Any, NoReturn
 import click
 
 from gradcam_cli import __version__
-from gradcam_cli.colormaps import COLORMAP_NAMES
+from gradcam_cli.audit.metrics import GATES_OVER, GATES_UNDER, METRIC_NAMES
 from gradcam_cli.config import (
     AMP_MODES,
     BASELINES,
@@ -26,13 +24,14 @@ from gradcam_cli.config import (
     check_audit_settings,
     load_settings,
 )
-from gradcam_cli.distributed import env_rank, env_world_size
-from gradcam_cli.errors import GradcamError, RunStopped
+from gradcam_cli.errors import ExitCode, GradcamError, RunStopped
+from gradcam_cli.render.colormaps import COLORMAP_NAMES
+from gradcam_cli.run.world import env_rank, env_world_size
 
-EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_GATE_FAILED, EXIT_INTERNAL = 0, 1, 2, 3, 4
+UNDER_KEYS, OVER_KEYS = ", ".join(GATES_UNDER), ", ".join(GATES_OVER)
 
 
-def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+def _fail(message: str, code: int = ExitCode.USAGE) -> NoReturn:
     size = env_world_size()
     where = f"[rank {env_rank()}/{size}] " if size > 1 else ""  # under torchrun: which process says it
     click.echo(f"Error: {where}{message}", err=True)
@@ -49,21 +48,21 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(str(exc))
         except RunStopped as exc:
             if exc.quiet:  # another rank of a distributed run: rank 0 says it, and exits with the run's code
-                sys.exit(EXIT_OK)
+                sys.exit(ExitCode.OK)
             _fail(str(exc), exc.exit_code)
         except BrokenPipeError:
             # `gradcam models | head`: the reader went away; that is not an error
             sys.stderr.close()
-            os._exit(EXIT_OK)
+            os._exit(ExitCode.OK)
         except KeyboardInterrupt:
-            _fail("interrupted; everything written so far is kept", 130)
+            _fail("interrupted; everything written so far is kept", ExitCode.INTERRUPTED)
         except MemoryError:
-            _fail("out of memory; try a smaller --batch-size", EXIT_IMAGE_ERRORS)
+            _fail("out of memory; try a smaller --batch-size", ExitCode.IMAGE_ERRORS)
         except Exception as exc:
             if os.environ.get("GRADCAM_DEBUG"):
                 raise
             first = " ".join(str(exc).split())[:300]
-            _fail(f"unexpected {type(exc).__name__}: {first} (set GRADCAM_DEBUG=1 for the traceback)", EXIT_INTERNAL)
+            _fail(f"unexpected {type(exc).__name__}: {first} (set GRADCAM_DEBUG=1 for the traceback)", ExitCode.STOPPED)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -178,7 +177,7 @@ def main() -> None:
 )
 @click.option(
     "--metrics",
-    help="Comma-separated explanation-quality metrics: deletion,insertion,drop,pointing,energy "
+    help=f"Comma-separated explanation-quality metrics: {','.join(METRIC_NAMES)} "
     "(columns appended to predictions.csv).",
 )
 @click.option("--steps", type=int, help="Deletion/insertion steps. [default: 20]")
@@ -198,12 +197,10 @@ def main() -> None:
 )
 @click.option("--worst", type=int, help="Images listed per metric in summary.json's worst lists. [default: 10]")
 @click.option(
-    "--fail-under",
-    multiple=True,
-    help="KEY=VALUE gate, exit 3 when the summary is below it; KEY: accuracy, pointing, energy, insertion, increase.",
+    "--fail-under", multiple=True, help=f"KEY=VALUE gate, exit 3 when the summary is below it; KEY: {UNDER_KEYS}."
 )
 @click.option(
-    "--fail-over", multiple=True, help="KEY=VALUE gate, exit 3 when the summary is above it; KEY: deletion, drop."
+    "--fail-over", multiple=True, help=f"KEY=VALUE gate, exit 3 when the summary is above it; KEY: {OVER_KEYS}."
 )
 @click.option(
     "--only-below",
@@ -237,7 +234,7 @@ def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any)
         if not quiet:
             click.echo(message, err=True)
 
-    from gradcam_cli.pipeline import explain as run_explain
+    from gradcam_cli.api import explain as run_explain
 
     bar: Any = None
 
@@ -270,12 +267,12 @@ def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any)
         _report_audit(summary.audit, log)
     # under torchrun rank 0's exit code is the run's; the other ranks exit 0 once rank 0 has their results, so
     # that no launcher stops rank 0 (torchrun stops every rank when one exits non-zero) before it has reported
-    sys.exit(summary.exit_code if env_rank() == 0 else EXIT_OK)
+    sys.exit(summary.exit_code if env_rank() == 0 else ExitCode.OK)
 
 
 def _report_audit(result: Any, log: Callable[[str], None]) -> None:
     """Summary lines (unless quiet) and one stderr line per gate; failed gates are printed even when quiet."""
-    from gradcam_cli.audit import summary_lines
+    from gradcam_cli.audit.summary import summary_lines
 
     for line in summary_lines(result):
         log(line)
@@ -288,10 +285,8 @@ def _report_audit(result: Any, log: Callable[[str], None]) -> None:
 
 _GATE_OPTIONS = [
     click.option("--truth", help="Ground truth: auto, folders, none, or a CSV of path,label. [default: auto]"),
-    click.option(
-        "--fail-under", multiple=True, help="KEY=VALUE gate (accuracy, pointing, energy, insertion, increase)."
-    ),
-    click.option("--fail-over", multiple=True, help="KEY=VALUE gate (deletion, drop)."),
+    click.option("--fail-under", multiple=True, help=f"KEY=VALUE gate ({UNDER_KEYS})."),
+    click.option("--fail-over", multiple=True, help=f"KEY=VALUE gate ({OVER_KEYS})."),
 ]
 
 
@@ -315,8 +310,8 @@ def audit(
     Exit codes: 0 ok, 1 the folder has failed images, 2 usage error (or a gate on a metric OUT lacks),
     3 a gate failed (3 wins over 1).
     """
-    from gradcam_cli.audit import audit as run_audit
-    from gradcam_cli.audit import gates_from
+    from gradcam_cli.api import audit as run_audit
+    from gradcam_cli.audit.gates import gates_from
 
     settings = load_settings(
         None, truth=truth, worst=worst, fail_under=list(fail_under) or None, fail_over=list(fail_over) or None
@@ -353,7 +348,7 @@ def report(
 ) -> None:
     """Write OUT/report.html: a self-contained page (works from file://) with the summary, a per-class table and
     a filterable, sortable gallery of original | overlay thumbnails (written to OUT/thumbnails/)."""
-    from gradcam_cli.report import build_report
+    from gradcam_cli.api import report as build_report
 
     settings = load_settings(None, truth=truth)
     path = build_report(
@@ -379,7 +374,7 @@ def models(pattern: str | None) -> None:
     """
     import fnmatch
 
-    from gradcam_cli.catalog import QUANTIZED, TORCHVISION_VERSION, installed_torchvision, zoo
+    from gradcam_cli.model.catalog import QUANTIZED, TORCHVISION_VERSION, installed_torchvision, zoo
 
     rows = zoo()
     if pattern:
@@ -425,9 +420,9 @@ def layers(model: str, config: str | None, input_size: int | None, show_all: boo
     reshaped to. A module that runs more than once cannot be a target (its hook would see several outputs).
     """
     settings = load_settings(config, model=model, weights="none", input_size=input_size)
-    from gradcam_cli.catalog import family_config
-    from gradcam_cli.layers import inspect_layers
-    from gradcam_cli.models import load_model
+    from gradcam_cli.model.catalog import family_config
+    from gradcam_cli.model.layers import inspect_layers
+    from gradcam_cli.model.loading import load_model
 
     loaded = load_model(settings)
     infos, pick = inspect_layers(loaded.model, loaded.spec.size)

@@ -15,26 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradcam_cli.colormaps import COLORMAP_NAMES
+from gradcam_cli.audit.metrics import ANNOTATED_METRICS, BY_GATE, GATES_OVER, GATES_UNDER, METRIC_NAMES
+from gradcam_cli.cam.methods import method_names
 from gradcam_cli.errors import GradcamError
+from gradcam_cli.out.names import SAVE_KINDS
+from gradcam_cli.render.colormaps import COLORMAP_NAMES
 
-# the --method names; gradcam_cli.methods.METHOD_INFO holds what each needs (kept in sync by a test; no torch here)
-METHOD_NAMES: tuple[str, ...] = (
-    "gradcam",
-    "gradcampp",
-    "xgradcam",
-    "hirescam",
-    "layercam",
-    "eigencam",
-    "eigengradcam",
-    "scorecam",
-    "ablationcam",
-    "cam",
-    "guided-backprop",
-    "guided-gradcam",
-)
+METHOD_NAMES: tuple[str, ...] = method_names()
 FUSE_MODES: tuple[str, ...] = ("none", "mean", "max")
-SAVE_KINDS: tuple[str, ...] = ("heatmap", "overlay", "npy")
 PREPROCESS_MODES: tuple[str, ...] = ("full", "crop")
 AMP_MODES: tuple[str, ...] = ("none", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -44,12 +32,7 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # where JPEGs are decoded: Pillow in the DataLoader workers, or torchvision.io on the compute device (nvJPEG)
 DECODE_MODES: tuple[str, ...] = ("auto", "workers", "device")
 MAX_INPUT_SIDE = 4096
-# explanation-quality metrics (issue 7), in the order their CSV columns are appended
-METRIC_NAMES: tuple[str, ...] = ("deletion", "insertion", "drop", "pointing", "energy")
 BASELINES: tuple[str, ...] = ("blur", "zero", "mean")
-# CI gates: summary key -> what it is measured on; `fail_under` keys are higher-is-better, `fail_over` lower-is-better
-GATES_UNDER: tuple[str, ...] = ("accuracy", "pointing", "energy", "insertion", "increase")
-GATES_OVER: tuple[str, ...] = ("deletion", "drop")
 
 
 @dataclass(frozen=True)
@@ -82,7 +65,7 @@ class Settings:
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     resume: bool = False
-    # audit (issue 7): metrics, annotations, summary, gates, sampling
+    # audit: metrics, annotations, summary, gates, sampling
     metrics: tuple[str, ...] = ()
     steps: int = 20
     baseline: str = "blur"
@@ -97,7 +80,7 @@ class Settings:
     only_below: float | None = None
     sample_rate: float | None = None
     dist_timeout: float = 120.0
-    # CAM family (issue 4): method options
+    # method options
     counterfactual: bool = False
     aug_smooth: bool = False
     eigen_smooth: bool = False
@@ -461,18 +444,17 @@ def check_audit_settings(settings: Settings) -> None:
     """Combinations of audit settings that cannot work, caught before anything runs (one line, exit 2)."""
     metrics = set(settings.metrics)
     annotated = bool(settings.boxes or settings.masks)
-    needs = [m for m in ("pointing", "energy") if m in metrics]
+    needs = [m for m in ANNOTATED_METRICS if m in metrics]
     if needs and not annotated:
         raise GradcamError(f"--metrics {','.join(needs)} needs annotations: --boxes FILE and/or --masks DIR")
     if annotated and not needs:
-        raise GradcamError("--boxes/--masks are used by --metrics pointing,energy; add one of them to --metrics")
-    gate_metric = {"pointing": "pointing", "energy": "energy", "insertion": "insertion", "deletion": "deletion"}
-    gate_metric.update(increase="drop", drop="drop")
+        raise GradcamError(
+            f"--boxes/--masks are used by --metrics {','.join(ANNOTATED_METRICS)}; add one of them to --metrics"
+        )
     for flag, gates in (("--fail-under", settings.fail_under), ("--fail-over", settings.fail_over)):
         for key, _value in gates:
-            needed = gate_metric.get(key)
-            if needed is not None and needed not in metrics:
-                raise GradcamError(f"{flag} {key}=...: needs --metrics {needed}")
+            if key in BY_GATE and BY_GATE[key].metric not in metrics:
+                raise GradcamError(f"{flag} {key}=...: needs --metrics {BY_GATE[key].metric}")
     if settings.truth == "none" and any(key == "accuracy" for key, _ in settings.fail_under):
         raise GradcamError("--fail-under accuracy=...: needs ground truth, but --truth is none")
 

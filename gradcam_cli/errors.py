@@ -1,4 +1,4 @@
-"""The one error type users can cause.
+"""The error types users see, the exit codes, and the one-line form of any exception.
 
 Everything a user can get wrong (a flag, a config key, a model name, a layer path, a weights file) raises
 `GradcamError` with a message that names the culprit and what was expected. The CLI turns it into one line
@@ -7,9 +7,22 @@ on stderr and exit code 2, so scripts can tell "you called it wrong" from "some 
 
 from __future__ import annotations
 
+from enum import IntEnum
 
-class GradcamError(Exception):
-    """A problem the caller can fix; its message is a complete one-line explanation.
+
+class ExitCode(IntEnum):
+    """What `gradcam` returns; scripts and CI jobs act on these numbers, so they never change meaning."""
+
+    OK = 0  # every image explained (or skipped by --only-below)
+    IMAGE_ERRORS = 1  # some images failed; their rows say why
+    USAGE = 2  # usage, config, model, weights, layer or annotation error: nothing ran
+    GATE_FAILED = 3  # a --fail-under/--fail-over gate failed (wins over IMAGE_ERRORS)
+    STOPPED = 4  # an internal error, or a torchrun job that lost a rank (what was done is kept)
+    INTERRUPTED = 130  # Ctrl-C: everything written so far is kept
+
+
+class Explained(Exception):
+    """An exception whose message is already a complete one-line explanation for a user.
 
     Messages often quote other libraries' exceptions (torch's span several lines), so line breaks become
     spaces here, once: whatever the source, the CLI prints exactly one line.
@@ -19,15 +32,38 @@ class GradcamError(Exception):
         super().__init__(" ".join(part.strip() for part in str(message).splitlines()))
 
 
-class RunStopped(Exception):
+class GradcamError(Explained):
+    """A problem the caller can fix (exit code 2)."""
+
+
+class RunStopped(Explained):
     """A run that could not finish for a reason outside the caller's inputs: a rank of a distributed run died,
     was stopped, or lost contact. What was written is kept (and `--resume` finishes it).
 
-    `exit_code` is what the CLI returns (4 unless it says otherwise); `quiet` means another process (rank 0)
-    already reported it, so this one exits without printing the same line again.
+    `exit_code` is what the CLI returns; `quiet` means another process (rank 0) already reported it, so this
+    one exits without printing the same line again.
     """
 
-    def __init__(self, message: str, exit_code: int = 4, quiet: bool = False) -> None:
+    def __init__(self, message: str, exit_code: int = ExitCode.STOPPED, quiet: bool = False) -> None:
         super().__init__(" ".join(str(message).split()))
-        self.exit_code = exit_code
+        self.exit_code = int(exit_code)
         self.quiet = quiet
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: an `Explained` message as it is, anything else as `Type: message`."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, Explained):
+        return text
+    return f"{type(exc).__name__}: {text}"[:limit] if text else type(exc).__name__
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The CLI's exit code for an exception that ended a run."""
+    if isinstance(exc, GradcamError):
+        return ExitCode.USAGE
+    if isinstance(exc, RunStopped):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    return ExitCode.STOPPED

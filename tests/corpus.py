@@ -390,7 +390,7 @@ def _animated(first: np.ndarray, second: np.ndarray, fmt: str, **params: object)
 
 def outcome_table(cases: list[Case], rows: list[dict[str, str]], out: Path) -> str:
     """Markdown: every case, what it should give and what the run into `out` gave."""
-    from gradcam_cli.resume import csv_text
+    from gradcam_cli.out.table import csv_text
 
     by_path: dict[str, list[dict[str, str]]] = {}
     for row in rows:

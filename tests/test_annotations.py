@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradcam_cli.annotations import ANY_CLASS, Box, LabelResolver, load_annotations, read_mask
+from gradcam_cli.audit.annotations import Box, load_annotations, read_mask
 from gradcam_cli.errors import GradcamError
+from gradcam_cli.model.labels import ANY_CLASS, LabelResolver
 
 LABELS = ["tench", "goldfish", "great white shark", "tiger cat", "Egyptian cat"]
 

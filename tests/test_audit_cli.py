@@ -29,12 +29,12 @@ from click.testing import CliRunner, Result
 from outputs import rows_of
 from PIL import Image
 
-from gradcam_cli import metrics as M
+from gradcam_cli.audit import measures as M
 from gradcam_cli.cli import main
 from gradcam_cli.config import load_settings
-from gradcam_cli.data import decode_rgb, model_input
-from gradcam_cli.evaluate import in_sample
-from gradcam_cli.models import load_model
+from gradcam_cli.data.decode import decode_rgb, model_input
+from gradcam_cli.data.discover import in_sample
+from gradcam_cli.model.loading import load_model
 
 BASE_HEADER = (
     "path,status,error,pred_index,pred_label,pred_prob,target_index,target_label,target_prob,"
@@ -367,7 +367,7 @@ def test_only_below_explains_only_unconfident_images_and_skips_the_backward(
     """b.png (big green square) is predicted at 0.93, the others at 0.74: --only-below 0.9 skips b only, and
     the engine (forward + backward) never sees it."""
     from gradcam_cli import explain as api_explain
-    from gradcam_cli.engine import CamEngine
+    from gradcam_cli.cam.engine import CamEngine
 
     seen: list[int] = []
     original, original_check = CamEngine.run, CamEngine.check

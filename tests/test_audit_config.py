@@ -60,7 +60,7 @@ def test_flags_override_and_gates_accumulate_from_repeated_flags(tmp_path: Path)
         ("summary", "yes", "true or false"),
         ("truth", "", "auto, folders, none or a CSV"),
         ("worst", -1, "integer >= 0"),
-        ("fail_under", "deletion=0.2", "accuracy, pointing, energy, insertion, increase"),
+        ("fail_under", "deletion=0.2", "accuracy, insertion, increase, pointing, energy"),
         ("fail_over", "pointing=0.2", "deletion, drop"),
         ("fail_under", "pointing", "KEY=VALUE"),
         ("fail_under", "pointing=nan", "KEY=VALUE"),

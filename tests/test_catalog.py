@@ -20,8 +20,8 @@ import torchvision
 from click.testing import CliRunner, Result
 
 from gradcam_cli import load_settings
-from gradcam_cli.catalog import FAMILY_CONFIGS, MODELS, QUANTIZED, TORCHVISION_VERSION, family_config, zoo
 from gradcam_cli.cli import main
+from gradcam_cli.model.catalog import FAMILY_CONFIGS, MODELS, QUANTIZED, TORCHVISION_VERSION, family_config, zoo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -201,7 +201,7 @@ def test_layers_of_a_quantized_model_exits_2() -> None:
 
 
 def test_models_warns_when_the_installed_torchvision_differs(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gradcam_cli.catalog as catalog
+    import gradcam_cli.model.catalog as catalog
 
     monkeypatch.setattr(catalog, "installed_torchvision", lambda: "9.9.9")
     result = invoke("models", "resnet18")

@@ -23,8 +23,8 @@ from torch import nn
 from gradcam_cli import load_settings
 from gradcam_cli.cli import main
 from gradcam_cli.errors import GradcamError
-from gradcam_cli.models import load_model
-from gradcam_cli.pipeline import explain
+from gradcam_cli.model.loading import load_model
+from gradcam_cli.run.explain import explain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,9 +18,8 @@ import torchvision
 from PIL import Image
 
 from gradcam_cli import explain
-from gradcam_cli.engine import CamEngine
-from gradcam_cli.methods import METHODS
-from gradcam_cli.pipeline import TargetSelector, run_splitting_on_oom
+from gradcam_cli.cam.engine import CamEngine, run_batch
+from gradcam_cli.cam.targets import TargetSelector
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -117,7 +116,7 @@ def test_real_out_of_memory_halves_the_batch() -> None:
     model = torchvision.models.resnet50().eval().cuda()
     selector = TargetSelector(["pred"], [])
     x = torch.randn(32, 3, 320, 320, device="cuda")
-    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+    with CamEngine(model, {"layer4": model.layer4}, "gradcam") as engine:
         whole = engine.run(x, selector)
 
         def reserved_peak(n: int) -> int:
@@ -142,7 +141,7 @@ def test_real_out_of_memory_halves_the_batch() -> None:
             except torch.cuda.OutOfMemoryError:
                 failed = True  # the cap is real
             torch.cuda.empty_cache()
-            split = run_splitting_on_oom(engine, x, selector)
+            split = run_batch(engine, x, lambda a, b: selector)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
             torch.cuda.empty_cache()

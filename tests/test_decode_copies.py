@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from gradcam_cli.data import ImageDataset, ImageFile, collate, decode_rgb, rgb_tensor
-from gradcam_cli.models import InputSpec
+from gradcam_cli.data.batches import ImageDataset, collate
+from gradcam_cli.data.decode import decode_rgb, rgb_tensor
+from gradcam_cli.data.discover import ImageFile
+from gradcam_cli.model.loading import InputSpec
 
 SPEC = InputSpec(size=(32, 32), resize_size=36, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

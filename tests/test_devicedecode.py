@@ -21,9 +21,11 @@ from outputs import rows_of
 from PIL import Image
 
 from gradcam_cli.cli import main
-from gradcam_cli.data import Batch, ImageDataset, ImageFile, collate, decode_rgb, model_input, probe_jpeg
-from gradcam_cli.devicedecode import DeviceDecoder, device_decoder_error, orient, resize_crop
-from gradcam_cli.models import InputSpec
+from gradcam_cli.data.batches import Batch, ImageDataset, collate
+from gradcam_cli.data.decode import decode_rgb, model_input, probe_jpeg
+from gradcam_cli.data.device import DeviceDecoder, device_decoder_error, orient, resize_crop
+from gradcam_cli.data.discover import ImageFile
+from gradcam_cli.model.loading import InputSpec
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -113,7 +115,7 @@ def test_device_input_matches_pillow_input(name: str, spec: InputSpec) -> None:
 
 
 def _geometry(width: int, height: int, spec: InputSpec):  # type: ignore[no-untyped-def]
-    from gradcam_cli.data import input_geometry
+    from gradcam_cli.data.decode import input_geometry
 
     return input_geometry(width, height, spec)
 
@@ -147,7 +149,7 @@ def test_decoder_finishes_a_mixed_batch(tmp_path: Path, device: str, monkeypatch
     batch = collate([dataset[i] for i in range(len(listed))])
     assert batch.inputs is None and [e is not None for e in batch.encoded] == [True, False, True, True, True]
 
-    import gradcam_cli.devicedecode as dd
+    import gradcam_cli.data.device as dd
 
     real = dd._decode
 
@@ -249,7 +251,7 @@ def test_auto_is_workers_on_the_cpu_and_a_failing_device_is_reported(
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "auto" / "run.json").read_text(encoding="utf-8"))["decode"] == "workers"
 
-    import gradcam_cli.devicedecode as dd
+    import gradcam_cli.data.device as dd
 
     monkeypatch.setattr(dd, "device_decoder_error", lambda device: "no nvJPEG in this build (simulated)")
     result = invoke("explain", tmp_path / "in", "-o", tmp_path / "dev", *probe_flags, "--decode", "device")

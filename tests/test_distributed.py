@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -36,18 +36,14 @@ from click.testing import CliRunner
 
 from gradcam_cli import load_settings
 from gradcam_cli.cli import main
-from gradcam_cli.distributed import (
-    World,
-    merge_csvs,
-    rank_csv_name,
-    read_rows,
-    remove_rank_csvs,
-    shard,
-    write_csv,
-)
 from gradcam_cli.errors import GradcamError, RunStopped
-from gradcam_cli.pipeline import explain
-from gradcam_cli.sinks import CAM_COLUMNS, CSV_COLUMNS
+from gradcam_cli.out.files import atomic_write
+from gradcam_cli.out.merge import fold_rank_csvs, merge_csvs
+from gradcam_cli.out.names import rank_csv as rank_csv_name
+from gradcam_cli.out.table import BASE_COLUMNS, TAIL_COLUMNS, csv_bytes, iter_rows
+from gradcam_cli.run.coordinator import LocalCoordinator, TorchrunCoordinator, coordinator_from_env
+from gradcam_cli.run.explain import explain
+from gradcam_cli.run.world import World, shard
 
 TESTS_DIR = Path(__file__).parent
 MODEL = "dist_models:resnet18"  # tests/dist_models.py: resnet18 that can kill its own rank on request
@@ -92,7 +88,8 @@ def test_without_torchrun_a_world_is_one_process_and_a_no_op(monkeypatch: pytest
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     world = World.from_env()
-    assert (world.rank, world.size, world.active, world.csv_name) == (0, 1, False, "predictions.csv")
+    assert (world.rank, world.size, world.active) == (0, 1, False)
+    assert isinstance(coordinator_from_env(120), LocalCoordinator)  # predictions.csv, no rank CSVs
     assert world.shard([1, 2, 3], 2) == [1, 2, 3]
     assert world.pick_device("cuda") == "cuda" and world.pick_device("auto") == "auto"
     assert world.gather("x", {"a": 1}) == {0: {"a": 1}} and world.broadcast("x", 5) == 5
@@ -108,7 +105,8 @@ def test_world_reads_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("LOCAL_RANK", "0")
     world = World.from_env(7)
     assert (world.rank, world.size, world.local_rank, world.timeout) == (2, 3, 0, 7.0)
-    assert world.active and world.csv_name == "predictions.rank2.csv"
+    assert world.active and isinstance(coordinator_from_env(7), TorchrunCoordinator)
+    assert rank_csv_name(world.rank) == "predictions.rank2.csv"
     assert world.shard(list(range(10)), 2) == [4, 5]
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc-per-node 1: exactly a one-process run
     assert not World.from_env().active
@@ -132,7 +130,7 @@ def test_a_process_group_the_caller_initialised_is_used(monkeypatch: pytest.Monk
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
     world = World.from_env()
-    assert (world.rank, world.size, world.csv_name) == (1, 4, "predictions.rank1.csv")
+    assert (world.rank, world.size, rank_csv_name(world.rank)) == (1, 4, "predictions.rank1.csv")
 
 
 def test_cuda_means_the_local_rank_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -321,12 +319,20 @@ def test_a_rank_with_an_error_of_its_own_waits_for_the_merge(store: Any) -> None
 # --- merging rank CSVs ------------------------------------------------------------------------------------
 
 
+def write_csv(path: Path, rows: Sequence[Sequence[str]] = (), columns: Sequence[str] = BASE_COLUMNS) -> None:
+    atomic_write(path, csv_bytes(rows, columns, header=True))
+
+
+def read_rows(path: Path, columns: Sequence[str] = BASE_COLUMNS) -> list[list[str]]:
+    return list(iter_rows(path, columns))
+
+
 def _row(path: str, status: str = "ok", target: str = "1") -> list[str]:
-    row = dict.fromkeys(CSV_COLUMNS, "")
+    row = dict.fromkeys(BASE_COLUMNS, "")
     row.update(path=path, status=status, target_index=target, pred_label="a, b")  # a field that needs quotes
     if status == "error":
         row["error"] = "OSError: cannot identify image file"
-    return [row[c] for c in CSV_COLUMNS]
+    return [row[c] for c in BASE_COLUMNS]
 
 
 def _write_rank_csv(out: Path, rank: int, rows: list[list[str]], cut_last: bool = False) -> None:
@@ -346,7 +352,7 @@ def test_merge_puts_rows_back_in_input_order_and_removes_rank_csvs(tmp_path: Pat
         for rel in share:
             rows += [_row(rel, target="1"), _row(rel, target="2")] if rel == "d/05.png" else [_row(rel)]
         _write_rank_csv(tmp_path, r, rows)
-    counts = merge_csvs(tmp_path, order)
+    counts = merge_csvs(tmp_path, order, BASE_COLUMNS)
     rows = read_rows(tmp_path / "predictions.csv")
     assert [r[0] for r in rows] == [*order[:6], "d/05.png", *order[6:]]
     assert [r[6] for r in rows if r[0] == "d/05.png"] == ["1", "2"]  # an image's rows stay in their order
@@ -361,7 +367,7 @@ def test_merge_keeps_the_newest_rows_and_drops_a_cut_off_row(tmp_path: Path) -> 
     write_csv(tmp_path / "predictions.csv", [_row("a.png"), _row("b.png", "error")])
     _write_rank_csv(tmp_path, 0, [_row("b.png"), _row("c.png")])  # b.png explained again: this row wins
     _write_rank_csv(tmp_path, 1, [_row("d.png"), _row("zz/x.png")], cut_last=True)  # killed mid-row
-    counts = merge_csvs(tmp_path, order)
+    counts = merge_csvs(tmp_path, order, BASE_COLUMNS)
     rows = read_rows(tmp_path / "predictions.csv")
     assert [(r[0], r[1]) for r in rows] == [("a.png", "ok"), ("b.png", "ok"), ("c.png", "ok"), ("d.png", "ok")]
     assert (counts.ok, counts.error) == (4, 0)
@@ -372,7 +378,7 @@ def test_merge_sorts_a_file_that_is_out_of_order_and_keeps_unknown_paths_last(tm
     write_csv(tmp_path / "predictions.csv", [])
     _write_rank_csv(tmp_path, 0, [_row("c.png"), _row("gone.png", "error"), _row("a.png")])
     _write_rank_csv(tmp_path, 1, [_row("b.png")])
-    counts = merge_csvs(tmp_path, order)
+    counts = merge_csvs(tmp_path, order, BASE_COLUMNS)
     assert [r[0] for r in read_rows(tmp_path / "predictions.csv")] == ["a.png", "b.png", "c.png", "gone.png"]
     assert (counts.ok, counts.error) == (3, 1)
 
@@ -380,10 +386,10 @@ def test_merge_sorts_a_file_that_is_out_of_order_and_keeps_unknown_paths_last(tm
 def test_a_foreign_csv_is_refused_and_stale_rank_csvs_are_removed(tmp_path: Path) -> None:
     (tmp_path / "predictions.rank0.csv").write_text("name,score\nx,1\n", encoding="utf-8")
     with pytest.raises(GradcamError, match=r"does not start with the predictions\.csv header"):
-        merge_csvs(tmp_path, ["x"])
+        merge_csvs(tmp_path, ["x"], BASE_COLUMNS)
     (tmp_path / "predictions.rank12.csv").write_text("", encoding="utf-8")
     (tmp_path / "predictions.rank.csv").write_text("", encoding="utf-8")  # not ours: kept
-    assert remove_rank_csvs(tmp_path) == 2
+    assert fold_rank_csvs(tmp_path, list, keep=False, columns=BASE_COLUMNS) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.rank.csv"]
 
 
@@ -484,7 +490,7 @@ def test_two_ranks_give_the_same_results_as_one_process(
     assert not list(out.glob("predictions.rank*.csv")) and not list(out.rglob("*.tmp"))
     # metric columns are in the CSV compared above; summary.json and its gate were made from the merged CSV
     header = (out / "predictions.csv").read_text(encoding="utf-8").splitlines()[0]
-    assert header.endswith(",avg_drop,increase," + ",".join(CAM_COLUMNS))  # issue 4's columns come last
+    assert header.endswith(",avg_drop,increase," + ",".join(TAIL_COLUMNS))  # issue 4's columns come last
     ours, theirs = (json.loads((d / "summary.json").read_text(encoding="utf-8")) for d in (out, reference))
     assert ours["counts"]["images"] == 25 and ours["gates"][0]["gate"] == "--fail-under increase=0.5"
     assert {**ours, "generated": None} == {**theirs, "generated": None}
@@ -592,7 +598,7 @@ def test_a_rank_killed_under_torchrun_stops_the_others_cleanly_and_resume_comple
     assert run["status"] == "interrupted" and "predictions.rank<k>.csv" in run["note"]
     ref_rows = _csv_rows(reference)
     ref_paths = [r["path"] for r in ref_rows]
-    columns = (*CSV_COLUMNS, "avg_drop", "increase", *CAM_COLUMNS)
+    columns = (*BASE_COLUMNS, "avg_drop", "increase", *TAIL_COLUMNS)
     assert read_rows(out / "predictions.csv", columns) == []  # nothing merged
     done = []
     for k in (0, 1):  # each rank CSV holds a leading part of that rank's share, rows as in one process
@@ -637,7 +643,12 @@ def test_rank_csvs_left_by_a_stopped_run_are_merged_on_resume_or_removed_on_a_fr
     are what is done. --resume, with any number of processes (here one), merges them first and finishes."""
     out = tmp_path / "out"
     shutil.copytree(reference, out)
-    columns = (*CSV_COLUMNS, "avg_drop", "increase", *CAM_COLUMNS)  # the run's metric columns follow the standard ones
+    columns = (
+        *BASE_COLUMNS,
+        "avg_drop",
+        "increase",
+        *TAIL_COLUMNS,
+    )  # the run's metric columns follow the standard ones
     ref = read_rows(reference / "predictions.csv", columns)
     paths = [r[0] for r in ref]
     share0, share1 = shard(paths, 0, 2, BATCH), shard(paths, 1, 2, BATCH)
@@ -647,7 +658,7 @@ def test_rank_csvs_left_by_a_stopped_run_are_merged_on_resume_or_removed_on_a_fr
     write_csv(out / rank_csv_name(1), [r for r in ref if r[0] in share1], columns)
     for row in ref:
         if row[0] not in done:
-            for rel in (row[CSV_COLUMNS.index("heatmap")], row[CSV_COLUMNS.index("overlay")]):
+            for rel in (row[BASE_COLUMNS.index("heatmap")], row[BASE_COLUMNS.index("overlay")]):
                 if rel:
                     (out / rel).unlink()
     settings = load_settings(dist_config, save=["heatmap", "overlay"], resume=True, quiet=True)

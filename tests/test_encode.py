@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gradcam_cli.render import heatmap
-from gradcam_cli.sinks import encode_png
+from gradcam_cli.render.encode import encode_png
+from gradcam_cli.render.heatmap import heatmap
 
 
 def _decode(data: bytes) -> tuple[str, np.ndarray]:

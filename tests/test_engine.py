@@ -9,13 +9,13 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from gradcam_cli.engine import CamEngine
+from gradcam_cli.cam.engine import CamEngine
+from gradcam_cli.cam.methods.gradient import gradcam
 from gradcam_cli.errors import GradcamError
-from gradcam_cli.layers import auto_detect_layer, resolve_layer
-from gradcam_cli.methods import METHODS
-from gradcam_cli.render import to_uint8, upsample_normalize
+from gradcam_cli.model.layers import auto_detect_layer, resolve_layer
+from gradcam_cli.render.heatmap import to_uint8, upsample_normalize
 
-GRADCAM = METHODS["gradcam"]
+GRADCAM = gradcam
 
 
 def resnet18() -> nn.Module:

@@ -16,9 +16,8 @@ import torchvision
 from skimage import data as skdata
 from torch import Tensor, nn
 
-from gradcam_cli.engine import CamEngine
-from gradcam_cli.methods import METHODS
-from gradcam_cli.render import upsample_normalize
+from gradcam_cli.cam.engine import CamEngine
+from gradcam_cli.render.heatmap import upsample_normalize
 
 SIZE = 224
 FIXED_TARGETS = [189, 126, 287, 203]  # one class per image of the batch of 4; each map has 16-36 of 49 cells > 0
@@ -57,14 +56,14 @@ def fixed(classes: Tensor):
 
 def run_ours(model: nn.Module, x: Tensor, classes: Tensor, layer: str = "layer4") -> Tensor:
     """Our raw CAMs (B, T, h, w) for the given (B, T) classes."""
-    with CamEngine(model, {layer: model.get_submodule(layer)}, METHODS["gradcam"]) as engine:
+    with CamEngine(model, {layer: model.get_submodule(layer)}, "gradcam") as engine:
         result = engine.run(x, fixed(classes))
     assert torch.equal(result.targets, classes)
     return result.cams[layer]
 
 
-def assert_cam_close(actual: Tensor, expected: Tensor, label: str, rtol: float = 1e-5) -> None:
-    """Per map (over leading dims): assert_close with rtol and an atol of 1e-6 of that map's max."""
+def assert_cam_close(actual: Tensor, expected: Tensor, label: str, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Per map (over leading dims): assert_close with rtol and an atol of `atol` times that map's max."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     a = actual.reshape(-1, *actual.shape[-2:]).double()
     e = expected.reshape(-1, *expected.shape[-2:]).double()
@@ -74,7 +73,7 @@ def assert_cam_close(actual: Tensor, expected: Tensor, label: str, rtol: float =
         diff = float((a[i] - e[i]).abs().max())
         worst_abs = max(worst_abs, diff)
         worst_rel = max(worst_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
-        torch.testing.assert_close(a[i], e[i], rtol=rtol, atol=1e-6 * scale, msg=lambda m, i=i: f"{label} map {i}: {m}")
+        torch.testing.assert_close(a[i], e[i], rtol=rtol, atol=atol * scale, msg=lambda m, i=i: f"{label} map {i}: {m}")
     print(f"[{label}] max abs diff {worst_abs:.3e}, max diff / map max {worst_rel:.3e}")
 
 
@@ -236,8 +235,11 @@ def test_multiple_targets_equal_single_runs(model: nn.Module, x: Tensor) -> None
     # the three slots are really different maps
     assert not torch.allclose(multi[:, 0], multi[:, 1])
     assert not torch.allclose(multi[:, 1], multi[:, 2])
-    # and each slot also equals the formula reference for the whole (B, 3) table
-    assert_cam_close(multi, formula_reference(model, x, multi_classes), "multi-target vs formula reference")
+    # and each slot also equals the formula reference for the whole (B, 3) table. The reference sums the 512
+    # channels in another order: float32 rounding of terms larger than the map itself reaches a few 1e-6 of the
+    # map's max at near-cancelling positions (2.2e-6 seen on a 2-core x86_64 host), so 1e-5 of it here.
+    reference = formula_reference(model, x, multi_classes)
+    assert_cam_close(multi, reference, "multi-target vs formula reference", atol=1e-5)
     model.zero_grad(set_to_none=True)
 
 
@@ -245,7 +247,7 @@ def test_engine_logits_equal_plain_forward(model: nn.Module, x: Tensor, classes:
     """Hooking the layer changes nothing downstream: the engine's logits equal a plain forward's."""
     with torch.no_grad():
         plain = model(x)
-    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+    with CamEngine(model, {"layer4": model.layer4}, "gradcam") as engine:
         result = engine.run(x, fixed(classes))
     torch.testing.assert_close(result.logits, plain, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(result.probs, plain.softmax(dim=1), rtol=1e-6, atol=1e-7)

@@ -15,10 +15,10 @@ import torchvision
 from PIL import Image
 
 from gradcam_cli import explain, load_settings
-from gradcam_cli.colormaps import lut
-from gradcam_cli.engine import CamEngine
-from gradcam_cli.methods import METHODS
-from gradcam_cli.pipeline import TargetSelector, _Colours, run_splitting_on_oom
+from gradcam_cli.cam.engine import CamEngine, run_batch
+from gradcam_cli.cam.targets import TargetSelector
+from gradcam_cli.render.colormaps import lut
+from gradcam_cli.render.overlay import Overlayer
 
 
 def _model() -> torch.nn.Module:
@@ -34,7 +34,7 @@ def _inputs() -> torch.Tensor:
 def test_oom_halves_the_batch_and_keeps_every_image(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     model, x = _model(), _inputs()
     selector = TargetSelector(["topk:2"], [])
-    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+    with CamEngine(model, {"layer4": model.layer4}, "gradcam") as engine:
         whole = engine.run(x, selector)
         real_run = engine.run
         sizes: list[int] = []
@@ -46,7 +46,7 @@ def test_oom_halves_the_batch_and_keeps_every_image(monkeypatch) -> None:  # typ
             return real_run(batch, select)
 
         monkeypatch.setattr(engine, "run", tight_memory)
-        split = run_splitting_on_oom(engine, x, selector)
+        split = run_batch(engine, x, lambda a, b: selector)
     assert sizes == [6, 3, 1, 2, 3, 1, 2]  # 6 -> 3 + 3 -> (1 + 2) + (1 + 2)
     assert split.cams["layer4"].shape == whole.cams["layer4"].shape == (6, 2, 3, 3)
     torch.testing.assert_close(split.cams["layer4"], whole.cams["layer4"], rtol=1e-5, atol=1e-6)
@@ -61,7 +61,7 @@ def test_oom_retry_runs_after_the_failed_attempt_is_released(monkeypatch) -> Non
 
     model, x = _model(), _inputs()
     alive_at_retry: list[bool] = []
-    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+    with CamEngine(model, {"layer4": model.layer4}, "gradcam") as engine:
         real_run = engine.run
         failed: list[weakref.ref[torch.Tensor]] = []
 
@@ -78,20 +78,20 @@ def test_oom_retry_runs_after_the_failed_attempt_is_released(monkeypatch) -> Non
             return real_run(batch, select)
 
         monkeypatch.setattr(engine, "run", big_then_small)
-        run_splitting_on_oom(engine, x, TargetSelector(["pred"], []))
+        run_batch(engine, x, lambda a, b: TargetSelector(["pred"], []))
     assert alive_at_retry == [False, False]
 
 
 def test_oom_on_a_single_image_is_raised(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     model = _model()
-    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+    with CamEngine(model, {"layer4": model.layer4}, "gradcam") as engine:
 
         def no_memory(batch: torch.Tensor, select: object) -> object:
             raise torch.cuda.OutOfMemoryError("simulated")
 
         monkeypatch.setattr(engine, "run", no_memory)
         try:
-            run_splitting_on_oom(engine, _inputs()[:1], TargetSelector(["pred"], []))
+            run_batch(engine, _inputs()[:1], lambda a, b: TargetSelector(["pred"], []))
         except torch.cuda.OutOfMemoryError:
             pass
         else:
@@ -105,9 +105,9 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_bf16_autocast_gives_float32_maps_close_to_full_precision() -> None:
     model, x = _model(), _inputs()
     selector = TargetSelector(["3"], [])
-    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+    with CamEngine(model, {"layer4": model.layer4}, "gradcam") as engine:
         full = engine.run(x, selector)
-        half = run_splitting_on_oom(engine, x, selector, amp="bf16")
+        half = run_batch(engine, x, lambda a, b: selector, amp="bf16")
     cams = half.cams["layer4"]
     assert cams.dtype == torch.float32 and torch.isfinite(cams).all()
     assert _cosine(cams, full.cams["layer4"]) > 0.9
@@ -116,10 +116,10 @@ def test_bf16_autocast_gives_float32_maps_close_to_full_precision() -> None:
 def test_channels_last_gives_the_same_maps() -> None:
     model, x = _model(), _inputs()
     selector = TargetSelector(["pred"], [])
-    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+    with CamEngine(model, {"layer4": model.layer4}, "gradcam") as engine:
         plain = engine.run(x, selector)
     model.to(memory_format=torch.channels_last)
-    with CamEngine(model, {"layer4": model.layer4}, METHODS["gradcam"]) as engine:
+    with CamEngine(model, {"layer4": model.layer4}, "gradcam") as engine:
         cl = engine.run(x.contiguous(memory_format=torch.channels_last), selector)
     torch.testing.assert_close(cl.cams["layer4"], plain.cams["layer4"], rtol=1e-4, atol=1e-5)
 
@@ -153,7 +153,7 @@ def test_explain_uses_channels_last_on_the_cpu_unless_told_not_to(
 
 
 def _overlay_inputs() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    from gradcam_cli.render import heatmap
+    from gradcam_cli.render.heatmap import heatmap
 
     torch.manual_seed(2)
     original = (torch.rand(48, 64, 3) * 255).to(torch.uint8)
@@ -164,10 +164,10 @@ def _overlay_inputs() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
 def test_device_jpeg_path_gives_the_same_overlay_as_pillow() -> None:
     """The CUDA path (blend on the device, torchvision.io JPEG there) run on CPU tensors: a JPEG of the same picture."""
     original, heat, table = _overlay_inputs()
-    device_path = _Colours(table, torch.device("cpu"), 0.5, device_codec=True)
-    host_path = _Colours(table, torch.device("cpu"), 0.5)
-    ours = Image.open(io.BytesIO(device_path.overlay_encoder(original, heat, heat.numpy())()))
-    pillow = Image.open(io.BytesIO(host_path.overlay_encoder(original, heat, heat.numpy())()))
+    device_path = Overlayer(table, torch.device("cpu"), 0.5, device_codec=True)
+    host_path = Overlayer(table, torch.device("cpu"), 0.5)
+    ours = Image.open(io.BytesIO(device_path.encoder(original, heat, heat.numpy())()))
+    pillow = Image.open(io.BytesIO(host_path.encoder(original, heat, heat.numpy())()))
     assert ours.format == "JPEG" and ours.size == pillow.size == (64, 48)
     assert device_path.device_codec and device_path.codec_failure is None
     # both are quality-90 JPEGs of overlays that agree to 1/255 (integer vs Pillow blend rounding)
@@ -185,9 +185,9 @@ def test_device_jpeg_failure_falls_back_to_pillow_once(monkeypatch: pytest.Monke
         raise RuntimeError("encode_jpegs_cuda: torchvision not compiled with nvJPEG support")
 
     monkeypatch.setattr(torchvision.io, "encode_jpeg", no_nvjpeg)
-    colours = _Colours(table, torch.device("cpu"), 0.5, device_codec=True)
+    colours = Overlayer(table, torch.device("cpu"), 0.5, device_codec=True)
     for _ in range(3):
-        data = colours.overlay_encoder(original, heat, heat.numpy())()
+        data = colours.encoder(original, heat, heat.numpy())()
         assert Image.open(io.BytesIO(data)).format == "JPEG"
     assert calls == [1] and not colours.device_codec
     assert colours.codec_failure == "RuntimeError: encode_jpegs_cuda: torchvision not compiled with nvJPEG support"

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from gradcam_cli.errors import GradcamError
-from gradcam_cli.layers import auto_detect_layer, parse_layer_path, resolve_layer, trace_layers
+from gradcam_cli.model.layers import auto_detect_layer, parse_layer_path, resolve_layer, trace_layers
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +223,10 @@ def test_explain_takes_the_layer_from_the_catalog_only_where_it_was_detected(
     """At the model's own input size the table's answer is used (no probe); at another size detection runs.
 
     Either way the layer is the one detection gives (test_zoo.py checks the table for every model)."""
-    from gradcam_cli import pipeline
-    from gradcam_cli.catalog import MODELS
     from gradcam_cli.config import load_settings
-    from gradcam_cli.models import load_model
+    from gradcam_cli.model import layers
+    from gradcam_cli.model.catalog import MODELS
+    from gradcam_cli.model.loading import load_model
 
     settings = load_settings(None, model=model, weights="none", input_size=input_size)
     loaded = load_model(settings)
@@ -236,8 +236,8 @@ def test_explain_takes_the_layer_from_the_catalog_only_where_it_was_detected(
         calls.append(size)
         return auto_detect_layer(net, size, device)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pipeline, "auto_detect_layer", detect)
-    chosen = pipeline._select_layers(loaded, settings, torch.device("cpu"), lambda message: None)
+    monkeypatch.setattr(layers, "auto_detect_layer", detect)
+    chosen = layers.choose_layers(loaded.model, (), model, loaded.spec.size, "cpu", lambda message: None)
     assert list(chosen) == [MODELS[model][1]] == [auto_detect_layer(loaded.model, loaded.spec.size)]
     assert chosen[MODELS[model][1]] is resolve_layer(loaded.model, MODELS[model][1])[1]
     assert calls == ([loaded.spec.size] if detects else [])

@@ -13,11 +13,10 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from gradcam_cli.engine import CamEngine
+from gradcam_cli.cam.engine import CamEngine
 from gradcam_cli.errors import GradcamError
-from gradcam_cli.layers import auto_detect_layer, trace_layers
-from gradcam_cli.layouts import Layout, TokenHint, infer_layout, plausible_grid, token_hint
-from gradcam_cli.methods import METHODS
+from gradcam_cli.model.layers import auto_detect_layer, trace_layers
+from gradcam_cli.model.layouts import Layout, TokenHint, infer_layout, plausible_grid, token_hint
 
 PATCH = 16
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -193,7 +192,7 @@ def by_hand_gradcam(model: nn.Module, layer: nn.Module, x: Tensor, prefix: int, 
 
 
 def engine_cam(model: nn.Module, name: str, x: Tensor) -> tuple[Tensor, Layout]:
-    with CamEngine(model, {name: model.get_submodule(name)}, METHODS["gradcam"]) as engine:
+    with CamEngine(model, {name: model.get_submodule(name)}, "gradcam") as engine:
         result = engine.run(x, lambda logits: logits.argmax(1, keepdim=True))
         return result.cams[name][:, 0], engine.layouts[name]
 

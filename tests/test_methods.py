@@ -24,8 +24,11 @@ import torch.nn.functional as F
 from test_equivalence import FIXED_TARGETS, SIZE, assert_nontrivial, fixed, make_images, make_model
 from torch import Tensor, nn
 
-from gradcam_cli.engine import AUGMENTATIONS, CamEngine
-from gradcam_cli.methods import METHOD_INFO, MethodInfo, first_component, gradcampp, minmax
+from gradcam_cli.cam.engine import AUGMENTATIONS, CamEngine
+from gradcam_cli.cam.fuse import minmax
+from gradcam_cli.cam.methods import get_spec, method_names
+from gradcam_cli.cam.methods.base import first_component
+from gradcam_cli.cam.methods.gradient import gradcampp
 
 TOL = 1e-4
 
@@ -33,7 +36,7 @@ TOL = 1e-4
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def run(model: nn.Module, x: Tensor, classes: Tensor, method: str | MethodInfo, layer: str = "layer4", **kw):
+def run(model: nn.Module, x: Tensor, classes: Tensor, method: str | Callable[..., Tensor], layer: str = "layer4", **kw):
     """Our CamResult for fixed (B, T) classes."""
     with CamEngine(model, {layer: model.get_submodule(layer)}, method, **kw) as engine:
         result = engine.run(x, fixed(classes))
@@ -115,11 +118,14 @@ def ag(model: nn.Module, x: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def test_method_names_in_sync_with_config() -> None:
-    """config.py (no torch) lists the --method names; METHOD_INFO describes them; both must agree."""
+    """config.py (no torch) reads the --method names from the registry; every registered method says when to use
+    it and its implementation can be built."""
+    from gradcam_cli.cam.methods.base import build_method
     from gradcam_cli.config import METHOD_NAMES
 
-    assert tuple(METHOD_INFO) == METHOD_NAMES
-    assert all(info.when for info in METHOD_INFO.values())
+    assert method_names() == METHOD_NAMES
+    assert all(get_spec(name).when for name in METHOD_NAMES)
+    assert all(build_method(name).spec is get_spec(name) for name in METHOD_NAMES)
 
 
 # ------------------------------------------------------------------------- gradient methods vs pgc
@@ -188,7 +194,7 @@ def test_gradcampp_paper_alpha_and_pytorch_grad_cam_eps(
     assert rel < 1e-4
     # (2) with pytorch-grad-cam's eps the same code reproduces it
     ref = pgc_layer_maps(pgc.GradCAMPlusPlus, model, x, classes)
-    with_eps = MethodInfo("gradcampp-eps", "gradient", layer_grads=True, fn=partial(gradcampp, eps=1e-6))
+    with_eps = partial(gradcampp, eps=1e-6)
     compare(run(model, x, classes, with_eps).cams["layer4"][:, 0], ref, "gradcampp(eps=1e-6) vs pytorch-grad-cam")
     measured = float((minmax(ours) - minmax(ref)).abs().max())
     print(f"[gradcampp (paper, no eps) vs pytorch-grad-cam, info] max abs diff {measured:.3e}")
@@ -310,7 +316,7 @@ def test_ablationcam_formula_with_negative_scores(model: nn.Module, x: Tensor, c
     paper = torch.relu(((y[:, None] - y_k) / y[:, None])[:, :, None, None].mul(a).sum(1))
     with CamEngine(model, {"layer4": model.layer4}, "ablationcam", chunk_size=513) as engine:
         ours = engine.run(xi, fixed(ci)).cams["layer4"][:, 0]
-        assert engine.ablation_prefix == "single", "one reduced-size image should do for resnet18's prefix"
+        assert engine.method.prefix == "single", "one reduced-size image should do for resnet18's prefix"
     # one channel moves a layer4 logit by ~1e-4 of its size here, so the formula is evaluated in float64 (a
     # float32 formula is itself off by ~1e-4 through that cancellation)
     compare(ours, formula, "ablationcam vs float64 formula (|y|)")
@@ -383,8 +389,8 @@ def test_ablation_prefix_shortcuts_are_checked(net: str, prefix: str) -> None:
     cls = torch.tensor([[1], [3]])
     with CamEngine(model, {"target": model.target}, "ablationcam", chunk_size=3) as engine:
         ours = engine.run(x, fixed(cls)).cams["target"][:, 0]
-        assert engine.ablation_prefix == prefix
-        engine.ablation_prefix = "full"
+        assert engine.method.prefix == prefix
+        engine.method.prefix = "full"
         full = engine.run(x, fixed(cls)).cams["target"][:, 0]
     torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-6 * float(full.max()))
     with torch.no_grad():
@@ -631,9 +637,12 @@ def test_module_input_layer_is_what_the_module_receives(model: nn.Module, x_smal
 # ------------------------------------------------------------------------------- hooks and swapped ReLUs
 
 
-def hooks_and_swaps(model: nn.Module) -> tuple[list[tuple[int, int, int, int]], list[str]]:
-    from gradcam_cli.engine import swapped_relus
+def swapped_relus(model: nn.Module) -> list[nn.Module]:
+    """The model's ReLU modules whose forward is currently replaced by guided backprop's."""
+    return [m for m in model.modules() if "forward" in m.__dict__ and getattr(m, "_gradcam_guided", False)]
 
+
+def hooks_and_swaps(model: nn.Module) -> tuple[list[tuple[int, int, int, int]], list[str]]:
     hooks = [
         (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks), len(m._backward_pre_hooks))
         for m in model.modules()
@@ -644,10 +653,8 @@ def hooks_and_swaps(model: nn.Module) -> tuple[list[tuple[int, int, int, int]], 
     return hooks, relus
 
 
-@pytest.mark.parametrize("method", list(METHOD_INFO))
+@pytest.mark.parametrize("method", method_names())
 def test_hooks_and_relus_restored_after_every_method(method: str) -> None:
-    from gradcam_cli.engine import swapped_relus
-
     model = TinyNet().eval()
     # CAM needs the map that GAP averages, i.e. the pooling's input (the target conv's output after a ReLU)
     layers: dict[str, nn.Module] = {"pool:input": model.pool} if method == "cam" else {"target": model.target}
@@ -662,7 +669,7 @@ def test_hooks_and_relus_restored_after_every_method(method: str) -> None:
     assert hooks_and_swaps(model) == before
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
-    guided = METHOD_INFO[method].input_grads
+    guided = get_spec(method).input_grads
     # during the call every ReLU module (stem's and act) was swapped; outside it none is
     assert seen_swapped and set(seen_swapped) == ({2} if guided else {0})
     for maps in result.cams.values():

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 
-from gradcam_cli import metrics as M
-from gradcam_cli.render import heatmap as render_heatmap
+from gradcam_cli.audit import measures as M
+from gradcam_cli.render.heatmap import heatmap as render_heatmap
+from gradcam_cli.render.heatmap import upsample_normalize
 
 # --------------------------------------------------------------------------------------------- pointing, energy
 
@@ -119,12 +120,12 @@ def test_all_zero_map_misses_and_has_no_energy_and_no_annotation_is_not_scored()
 
 
 def test_original_map_peak_is_the_csv_peak_in_full_and_crop_mode() -> None:
-    """pointing uses the same maximum the CSV reports as peak_x/peak_y (render.heatmap)."""
+    """pointing uses the same maximum the CSV reports as peak_x/peak_y (render.heatmap), on the same map."""
     gen = torch.Generator().manual_seed(0)
     for crop in [(0.0, 0.0, 64.0, 48.0), (11.0, 3.0, 53.0, 45.0)]:
         for _ in range(5):
             cam = torch.rand(7, 7, generator=gen)
-            heat = M.original_map(cam, (48, 64), crop)
+            heat = upsample_normalize(cam, (48, 64), crop)
             rendered = render_heatmap(cam, (48, 64), crop)
             assert M.peak(heat) == (rendered.peak_x, rendered.peak_y)
             # and it is the saved heatmap before rounding

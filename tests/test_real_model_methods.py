@@ -27,10 +27,10 @@ skdata = pytest.importorskip("skimage.data")
 import torch  # noqa: E402
 
 from gradcam_cli import explain, load_settings  # noqa: E402
-from gradcam_cli.data import model_input  # noqa: E402
-from gradcam_cli.engine import CamEngine  # noqa: E402
-from gradcam_cli.models import LoadedModel, load_model  # noqa: E402
-from gradcam_cli.render import upsample_normalize  # noqa: E402
+from gradcam_cli.cam.engine import CamEngine  # noqa: E402
+from gradcam_cli.data.decode import model_input  # noqa: E402
+from gradcam_cli.model.loading import LoadedModel, load_model  # noqa: E402
+from gradcam_cli.render.heatmap import upsample_normalize  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "efficientnet_lite0.yaml"
 POOLED = "_avg_pooling:input"

@@ -24,11 +24,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradcam_cli.cli import main
-from gradcam_cli.colormaps import COLORMAP_NAMES
 from gradcam_cli.config import VALIDATORS, flag_name, load_settings, read_config
-from gradcam_cli.data import discover
+from gradcam_cli.data.discover import discover
 from gradcam_cli.errors import GradcamError
-from gradcam_cli.sinks import OutputWriter, encode_png
+from gradcam_cli.out.table import BASE_COLUMNS
+from gradcam_cli.out.writer import OutputWriter
+from gradcam_cli.render.colormaps import COLORMAP_NAMES
+from gradcam_cli.render.encode import encode_png
 
 FUZZ = settings(
     derandomize=True,
@@ -297,7 +299,7 @@ def test_yaml_tags_are_not_executed(tmp_path: Path, two_images: Path, tagged: st
 def test_writer_refuses_paths_that_leave_out(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    writer = OutputWriter(out, out / "predictions.csv")
+    writer = OutputWriter(out, out / "predictions.csv", BASE_COLUMNS)
     heat = np.zeros((2, 2), np.uint8)
     try:
         for rel in ("../escaped.png", "heatmaps/../../escaped.png", str(tmp_path / "abs.png"), "/etc/x.png", ""):

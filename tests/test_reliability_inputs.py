@@ -25,8 +25,9 @@ from outputs import rows_of
 from PIL import Image, ImageFile
 
 from gradcam_cli.cli import main
-from gradcam_cli.data import BadImage, decode_rgb, discover
-from gradcam_cli.resume import csv_text
+from gradcam_cli.data.decode import BadImage, decode_rgb
+from gradcam_cli.data.discover import discover
+from gradcam_cli.out.table import csv_text
 
 TESTS_DIR = Path(__file__).resolve().parent
 

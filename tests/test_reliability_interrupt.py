@@ -22,11 +22,15 @@ from click.testing import CliRunner, Result
 from outputs import rows_of
 from PIL import Image
 
-from gradcam_cli import sinks
 from gradcam_cli.cli import main
-from gradcam_cli.sinks import CAM_COLUMNS, CSV_COLUMNS, OutputWriter, atomic_write, read_csv_rows
+from gradcam_cli.out import files as out_files
+from gradcam_cli.out import writer as out_writer
+from gradcam_cli.out.files import atomic_write
+from gradcam_cli.out.table import BASE_COLUMNS, TAIL_COLUMNS, Row, csv_bytes, read_records
+from gradcam_cli.out.writer import OutputWriter
+from gradcam_cli.render.encode import encode_png
 
-HEADER = ",".join(CSV_COLUMNS + CAM_COLUMNS)
+HEADER = ",".join(BASE_COLUMNS + TAIL_COLUMNS)
 
 
 def invoke(*args: str | Path) -> Result:
@@ -34,7 +38,7 @@ def invoke(*args: str | Path) -> Result:
 
 
 def temp_files(out: Path) -> list[Path]:
-    return [p for p in out.rglob("*") if p.is_file() and sinks._TEMP_NAME.match(p.name)]
+    return [p for p in out.rglob("*") if p.is_file() and out_files._TEMP_NAME.match(p.name)]
 
 
 @pytest.fixture(scope="module")
@@ -47,24 +51,24 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 # --- the CSV and atomic files -------------------------------------------------------------------------------
 
 
-def _sample_rows(n: int) -> list[dict[str, str]]:
+def _sample_rows(n: int) -> list[Row]:
     names = ["plain.png", 'comma, "quote".png', "new\nline.png", "ünïcödé.png"]
     rows = []
     for i in range(n):
         name = f"{i}-{names[i % len(names)]}"
-        rows.append({c: "" for c in CSV_COLUMNS} | {"path": name, "status": "ok", "heatmap": f"heatmaps/{name}.png"})
+        rows.append(Row(name, "ok", heatmap=f"heatmaps/{name}.png"))
     return rows
 
 
 def test_a_csv_cut_at_any_byte_reads_as_a_prefix_of_its_rows(tmp_path: Path) -> None:
     """Whatever byte a kill stops the CSV at, resuming reads complete rows only, in order."""
     rows = _sample_rows(8)
-    data = sinks.csv_bytes(rows, header=True)
+    data = csv_bytes(rows, BASE_COLUMNS, header=True)
     header_end = data.index(b"\r\n") + 2
     path = tmp_path / "predictions.csv"
     for cut in range(header_end, len(data) + 1):
         path.write_bytes(data[:cut])
-        got = read_csv_rows(path)
+        got = [Row.from_record(record) for record in read_records(path, BASE_COLUMNS)[1]]
         assert got == rows[: len(got)], cut
         if cut == len(data):
             assert len(got) == len(rows)
@@ -85,15 +89,15 @@ def test_each_batch_is_one_append(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
                 assert (tmp_path / "out" / "heatmaps" / f"{name}.png").is_file(), name
         return real_write(fd, data)
 
-    monkeypatch.setattr(sinks.os, "write", spy)
+    monkeypatch.setattr(out_writer.os, "write", spy)
     out = tmp_path / "out"
     out.mkdir()
-    writer = OutputWriter(out, out / "predictions.csv", threads=2, max_pending=1)
+    writer = OutputWriter(out, out / "predictions.csv", BASE_COLUMNS, threads=2, max_pending=1)
     heat = np.zeros((4, 4), np.uint8)
     for batch in range(5):
         names = [f"b{batch}i{i}" for i in range(3)]
-        rows = [{c: "" for c in CSV_COLUMNS} | {"path": n, "status": "ok"} for n in names]
-        writer.submit_batch([(f"heatmaps/{n}.png", partial(sinks.encode_png, heat)) for n in names], rows)
+        rows = [Row(n, "ok") for n in names]
+        writer.submit_batch([(f"heatmaps/{n}.png", partial(encode_png, heat)) for n in names], rows)
     writer.close()
     assert len(writes) == 5 and all(w.count(b"\r\n") == 3 for w in writes)
     assert [r["path"] for r in rows_of(out)] == [f"b{b}i{i}" for b in range(5) for i in range(3)]
@@ -111,11 +115,11 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path: Path, monkeyp
     def failing_replace(src: str, dst: str) -> None:
         raise Boom
 
-    monkeypatch.setattr(sinks.os, "replace", failing_replace)
+    monkeypatch.setattr(out_files.os, "replace", failing_replace)
     with pytest.raises(Boom):
         atomic_write(target, b"new content")
     assert target.read_bytes() == b"old" and os.listdir(target.parent) == ["x.png"]
-    monkeypatch.setattr(sinks.os, "replace", real_replace)
+    monkeypatch.setattr(out_files.os, "replace", real_replace)
     atomic_write(target, b"new content")
     assert target.read_bytes() == b"new content" and os.listdir(target.parent) == ["x.png"]
     # a symlink at the final name is replaced, not written through
@@ -320,7 +324,7 @@ def _check_consistent(out: Path) -> int:
     incomplete file under a final name. Returns the number of rows."""
     csv_path = out / "predictions.csv"
     for path in out.rglob("*"):
-        if not path.is_file() or sinks._TEMP_NAME.match(path.name):
+        if not path.is_file() or out_files._TEMP_NAME.match(path.name):
             continue
         if path.suffix == ".npy":
             assert np.isfinite(np.load(path)).all(), path
@@ -334,7 +338,7 @@ def _check_consistent(out: Path) -> int:
     data = csv_path.read_bytes()
     assert data.startswith(HEADER.encode() + b"\r\n") and data.endswith(b"\r\n"), data[-80:]
     records = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
-    assert all(len(r) == len(CSV_COLUMNS + CAM_COLUMNS) for r in records)
+    assert all(len(r) == len(BASE_COLUMNS + TAIL_COLUMNS) for r in records)
     paths = [r[0] for r in records[1:]]
     assert len(paths) == len(set(paths))
     for r in records[1:]:

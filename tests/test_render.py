@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gradcam_cli.colormaps import COLORMAP_NAMES, lut
-from gradcam_cli.render import blend, blend_host, heatmap, palette, to_uint8, upsample_normalize
+from gradcam_cli.render.colormaps import COLORMAP_NAMES, lut
+from gradcam_cli.render.heatmap import heatmap, to_uint8, upsample_normalize
+from gradcam_cli.render.overlay import blend, blend_host, palette
 
 
 @pytest.mark.parametrize(

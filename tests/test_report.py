@@ -26,8 +26,8 @@ from headless import Browser, find_chromium
 from outputs import rows_of
 from PIL import Image
 
+from gradcam_cli.audit.report import build_report
 from gradcam_cli.cli import main
-from gradcam_cli.report import build_report
 
 CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(

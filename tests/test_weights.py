@@ -13,7 +13,7 @@ import torchvision
 from PIL import Image
 
 from gradcam_cli import GradcamError, explain, load_settings
-from gradcam_cli.models import load_model
+from gradcam_cli.model.loading import load_model
 
 FAST = {"workers": 0, "quiet": True, "input_size": 64, "device": "cpu"}
 

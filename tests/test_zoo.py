@@ -24,9 +24,9 @@ import torchvision
 from PIL import Image
 
 from gradcam_cli import explain, load_settings
-from gradcam_cli.catalog import MODELS, family_config
-from gradcam_cli.layers import auto_detect_layer, resolve_layer
-from gradcam_cli.models import load_model
+from gradcam_cli.model.catalog import MODELS, family_config
+from gradcam_cli.model.layers import auto_detect_layer, resolve_layer
+from gradcam_cli.model.loading import load_model
 
 skdata = pytest.importorskip("skimage.data")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,0 +1,106 @@
+"""The explanation-quality metrics as one table: every `--metrics` name, the CSV columns it adds, which way is
+better, the gate on it, its summary.json name. evaluate, summary, gates, config and report all read it.
+
+No torch here: config validation and `gradcam audit` read it at start-up. The maths is in `measures`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MetricColumn:
+    """One CSV column a metric adds.
+
+    metric: the `--metrics` name that adds it; lower_is_better: which way is better (the worst images are the
+    other end; its gate is `--fail-over` when lower is better, else `--fail-under`, on the summary's mean);
+    gate: the gate's key; summary: its per-class key in summary.json; ranked: listed in summary.json's worst
+    lists (not a 0/1 flag); annotated: needs --boxes/--masks; help: one line for docs and `--help`.
+    """
+
+    name: str
+    metric: str
+    lower_is_better: bool
+    gate: str
+    help: str
+    summary: str = ""
+    ranked: bool = True
+    annotated: bool = False
+
+    @property
+    def summary_key(self) -> str:
+        return self.summary or f"mean_{self.name}"
+
+
+# in the order the columns are appended to predictions.csv (the order a user asks for them does not matter)
+COLUMNS: tuple[MetricColumn, ...] = (
+    MetricColumn(
+        "deletion_auc",
+        "deletion",
+        True,
+        "deletion",
+        "area under the target probability as the most salient pixels are replaced by the baseline",
+    ),
+    MetricColumn(
+        "insertion_auc",
+        "insertion",
+        False,
+        "insertion",
+        "area under the target probability as the most salient pixels are revealed on the baseline",
+    ),
+    MetricColumn(
+        "avg_drop", "drop", True, "drop", "Average Drop %: how much the probability falls on the image x its map"
+    ),
+    MetricColumn(
+        "increase",
+        "drop",
+        False,
+        "increase",
+        "Increase in Confidence: 1 when the image x its map scores higher than the image",
+        ranked=False,
+    ),
+    MetricColumn(
+        "pointing_hit",
+        "pointing",
+        False,
+        "pointing",
+        "pointing game: 1 when the map's peak is within 15 px of an annotated instance of the class",
+        summary="pointing_hit_rate",
+        annotated=True,
+    ),
+    MetricColumn(
+        "energy_in_box",
+        "energy",
+        False,
+        "energy",
+        "energy-based pointing game: the share of the map inside the annotated region",
+        annotated=True,
+    ),
+)
+METRIC_NAMES: tuple[str, ...] = tuple(dict.fromkeys(c.metric for c in COLUMNS))
+ANNOTATED_METRICS: tuple[str, ...] = tuple(dict.fromkeys(c.metric for c in COLUMNS if c.annotated))
+BY_COLUMN: dict[str, MetricColumn] = {c.name: c for c in COLUMNS}
+BY_GATE: dict[str, MetricColumn] = {c.gate: c for c in COLUMNS}
+ACCURACY = "accuracy"  # the one gate that is not on a metric: it needs ground truth
+GATES_UNDER: tuple[str, ...] = (ACCURACY, *(c.gate for c in COLUMNS if not c.lower_is_better))
+GATES_OVER: tuple[str, ...] = tuple(c.gate for c in COLUMNS if c.lower_is_better)
+
+
+def metric_columns(metrics: Iterable[str]) -> tuple[str, ...]:
+    """The columns appended to predictions.csv for `metrics`, in table order whatever order they were asked in."""
+    asked = set(metrics)
+    return tuple(c.name for c in COLUMNS if c.metric in asked)
+
+
+def columns_in(header: Iterable[str]) -> list[MetricColumn]:
+    """The metric columns a predictions.csv header has, in table order."""
+    present = set(header)
+    return [c for c in COLUMNS if c.name in present]
+
+
+def gate_hint(key: str) -> str:
+    """What a run needs for gate `key` to be measurable: `--metrics X` (with --boxes/--masks)."""
+    column = BY_GATE[key]
+    return f"--metrics {column.metric}" + (" with --boxes/--masks" if column.annotated else "")

@@ -1,0 +1,301 @@
+"""Audit an explain output folder: summary.json (counts, accuracy, confusions, per-class means, worst images)
+and its gates. Reads only what `explain` wrote (predictions.csv, run.json) plus ground truth; never torch.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gradcam_cli import __version__
+from gradcam_cli.audit.gates import Gate, GateResult, check_gates, gates_from, rounded
+from gradcam_cli.audit.metrics import ACCURACY, columns_in
+from gradcam_cli.audit.truth import Truth, resolve_truth
+from gradcam_cli.config import Settings
+from gradcam_cli.errors import ExitCode, GradcamError
+from gradcam_cli.model.labels import LabelResolver, normalized_label
+from gradcam_cli.out import names
+from gradcam_cli.out.files import write_json
+from gradcam_cli.out.folder import OutputFolder
+
+CONFUSIONS = 10
+
+
+@dataclass
+class AuditResult:
+    """The summary (as written to summary.json), the gate results, and where it was written."""
+
+    summary: dict[str, Any]
+    gates: list[GateResult]
+    path: Path | None = None
+    errors: int = 0
+
+    @property
+    def failed_gates(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
+
+    @property
+    def exit_code(self) -> int:
+        """3 when a gate failed (it wins), else 1 when the folder has error rows, else 0."""
+        if self.failed_gates:
+            return ExitCode.GATE_FAILED
+        return ExitCode.IMAGE_ERRORS if self.errors else ExitCode.OK
+
+
+def number(text: str | None) -> float | None:
+    """A CSV cell as a finite float, or None (empty, not a number, or not finite)."""
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0, "mean": None, "median": None, "min": None, "max": None}
+    return {
+        "count": len(values),
+        "mean": rounded(statistics.fmean(values)),
+        "median": rounded(statistics.median(values)),
+        "min": rounded(min(values)),
+        "max": rounded(max(values)),
+    }
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return rounded(statistics.fmean(values)) if values else None
+
+
+def summarize(
+    header: Sequence[str],
+    rows: Sequence[Mapping[str, str]],
+    truth: Truth,
+    labels: Sequence[str] = (),
+    worst: int = 10,
+    run: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The summary of an output folder's rows; pure (no files), so tests and `report` can call it directly.
+
+    Image-level numbers (counts, accuracy) count each path once (its first row: several targets or layers give
+    several rows with the same prediction); metric numbers are over rows (each map is one measurement).
+    Accuracy counts `ok` and `skipped` rows (both carry the prediction); `error` rows have none.
+    """
+    metric_cols = columns_in(header)
+    resolver = LabelResolver(labels) if labels else None
+    first: dict[str, Mapping[str, str]] = {}
+    status_counts: Counter[str] = Counter()
+    for row in rows:
+        if row.get("path", "") not in first:
+            first[row.get("path", "")] = row
+            status_counts[row.get("status", "")] += 1
+
+    # ground truth: accuracy and the most frequent confusions
+    truth_block: dict[str, Any] = {"source": truth.source}
+    truth_of: dict[str, tuple[str, bool]] = {}  # path -> (truth class name, correct)
+    if truth.known:
+        confusions: Counter[tuple[str, str]] = Counter()
+        for rel, row in first.items():
+            if row.get("status") not in ("ok", "skipped") or row.get("pred_index", "") == "":
+                continue
+            label = truth.label_for(rel)
+            if label is None:
+                continue
+            name, correct = _judge(label, row, resolver, labels)
+            truth_of[rel] = (name, correct)
+            if not correct:
+                confusions[(name, row.get("pred_label", ""))] += 1
+        correct_n = sum(1 for _, ok in truth_of.values() if ok)
+        truth_block.update(
+            images=len(truth_of),
+            correct=correct_n,
+            accuracy=rounded(correct_n / len(truth_of)) if truth_of else None,
+            top_confusions=[
+                {"truth": t, "predicted": p, "count": n}
+                for (t, p), n in sorted(confusions.items(), key=lambda kv: (-kv[1], kv[0]))[:CONFUSIONS]
+            ],
+        )
+
+    ok_rows = [r for r in rows if r.get("status") == "ok"]
+    values = {c.name: [(r, v) for r in ok_rows if (v := number(r.get(c.name))) is not None] for c in metric_cols}
+
+    # per class: rows grouped by the explained (target) class; truth images grouped by their true class
+    per_class: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> dict[str, Any]:
+        return per_class.setdefault(name, {"class": name, "rows": 0, "_probs": [], **{c.name: [] for c in metric_cols}})
+
+    for r in ok_rows:
+        e = entry(r.get("target_label", ""))
+        e["rows"] += 1
+        if (p := number(r.get("target_prob"))) is not None:
+            e["_probs"].append(p)
+        for c in metric_cols:
+            if (v := number(r.get(c.name))) is not None:
+                e[c.name].append(v)
+    for name, correct in truth_of.values():
+        e = entry(name)
+        e["truth_images"] = e.get("truth_images", 0) + 1
+        e["correct"] = e.get("correct", 0) + int(correct)
+    classes = []
+    for name in sorted(per_class, key=str.lower):
+        e = per_class[name]
+        out: dict[str, Any] = {"class": name, "rows": e["rows"], "mean_target_prob": _mean(e["_probs"])}
+        for c in metric_cols:
+            out[c.summary_key] = _mean(e[c.name])
+            out[f"count_{c.name}"] = len(e[c.name])
+        if truth.known:
+            n = e.get("truth_images", 0)
+            out["truth_images"] = n
+            out["accuracy"] = rounded(e.get("correct", 0) / n) if n else None
+        classes.append(out)
+
+    worst_block: dict[str, list[dict[str, Any]]] = {}
+    for c in metric_cols:
+        if not c.ranked:
+            continue
+        ranked = sorted(
+            values[c.name], key=lambda rv: ((-rv[1] if c.lower_is_better else rv[1]), rv[0].get("path", ""))
+        )
+        if c.name == "pointing_hit":
+            ranked = [rv for rv in ranked if rv[1] == 0]
+        worst_block[c.name] = [
+            {
+                "path": r.get("path", ""),
+                "target_label": r.get("target_label", ""),
+                "layer": r.get("layer", ""),
+                "value": rounded(v),
+                "overlay": r.get("overlay", ""),
+            }
+            for r, v in ranked[:worst]
+        ]
+
+    pointing = values.get("pointing_hit", [])
+    hits = sum(1 for _, v in pointing if v >= 0.5)
+    has_pointing = any(c.name == "pointing_hit" for c in metric_cols)
+    summary: dict[str, Any] = {
+        "tool": "gradcam-cli",
+        "version": __version__,
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": {k: run.get(k) for k in ("model", "weights", "layers", "method", "targets", "audit")} if run else {},
+        "counts": {
+            "images": len(first),
+            "rows": len(rows),
+            "ok": status_counts.get("ok", 0),
+            "error": status_counts.get("error", 0),
+            "skipped": status_counts.get("skipped", 0),
+        },
+        "ground_truth": truth_block,
+        "metrics": {c.name: _stats([v for _, v in values[c.name]]) for c in metric_cols},
+        "pointing": (
+            {"hits": hits, "annotated": len(pointing), "hit_rate": rounded(hits / len(pointing)) if pointing else None}
+            if has_pointing
+            else None
+        ),
+        "per_class": classes,
+        "worst": worst_block,
+    }
+    return summary
+
+
+def _judge(
+    label: str, row: Mapping[str, str], resolver: LabelResolver | None, labels: Sequence[str]
+) -> tuple[str, bool]:
+    """(truth class name, prediction correct?) for a label that is a class name or index."""
+    index = resolver.resolve_optional(label) if resolver is not None else None
+    if index is not None and index >= 0:
+        name = labels[index] if index < len(labels) else str(index)
+        return name, str(index) == row.get("pred_index", "")
+    norm = normalized_label(label)
+    pred = normalized_label(row.get("pred_label", ""))
+    return label, norm == pred or label == row.get("pred_index", "")
+
+
+def audit(
+    out: str | Path,
+    truth: str | Truth = "auto",
+    worst: int = 10,
+    gates: Sequence[Gate] = (),
+    labels: Sequence[str] | None = None,
+    write: bool = True,
+) -> AuditResult:
+    """Summarise the explain output folder `out` into `out/summary.json` and check `gates`.
+
+    `labels` default to the class names recorded in run.json; `truth` is a `truth` setting or a resolved Truth.
+    """
+    folder = OutputFolder(out)
+    header, rows, run = folder.read()
+    class_names = list(labels) if labels is not None else [str(x) for x in run.get("labels") or []]
+    if isinstance(truth, str):
+        roots = [str(r) for r in run.get("input_roots") or []]
+        truth = resolve_truth(truth, roots, class_names, (r["path"] for r in rows))
+    summary = summarize(header, rows, truth, class_names, worst, run)
+    results = check_gates(summary, header, gates)
+    summary["gates"] = [g.to_json() for g in results]
+    summary["passed"] = all(g.passed for g in results)
+    path = None
+    if write:
+        path = folder.file(names.SUMMARY)
+        write_json(path, summary)
+    return AuditResult(summary=summary, gates=results, path=path, errors=summary["counts"]["error"])
+
+
+def summary_lines(result: AuditResult) -> list[str]:
+    """A few human lines for the terminal: counts, accuracy, pointing, metric means."""
+    s = result.summary
+    c = s["counts"]
+    lines = [f"{c['images']} images: {c['ok']} ok, {c['error']} failed, {c['skipped']} skipped ({c['rows']} rows)"]
+    gt = s["ground_truth"]
+    if gt.get("source"):
+        acc = gt.get("accuracy")
+        shown = "n/a" if acc is None else f"{acc:.4f}"
+        lines.append(f"accuracy {shown} ({gt['correct']}/{gt['images']}, ground truth: {gt['source']})")
+        for conf in gt.get("top_confusions", [])[:3]:
+            lines.append(f"  confused {conf['truth']} -> {conf['predicted']}: {conf['count']}")
+    if s.get("pointing"):
+        p = s["pointing"]
+        rate = "n/a" if p["hit_rate"] is None else f"{p['hit_rate']:.4f}"
+        lines.append(f"pointing hit rate {rate} ({p['hits']}/{p['annotated']} annotated maps)")
+    for col, st in s["metrics"].items():
+        if col != "pointing_hit" and st["count"]:
+            lines.append(f"{col} mean {st['mean']:.4f} (median {st['median']:.4f}, {st['count']} maps)")
+    if result.path is not None:
+        lines.append(f"summary -> {result.path}")
+    return lines
+
+
+@dataclass
+class AuditPlan:
+    """What `explain --summary` (or a gate) will audit once the run is done; made before the run so that a gate
+    that cannot be evaluated (accuracy without ground truth) stops it before any work."""
+
+    truth: Truth
+    gates: list[Gate]
+    worst: int
+    labels: list[str]
+
+    def run(self, out: str | Path) -> AuditResult:
+        return audit(out, truth=self.truth, worst=self.worst, gates=self.gates, labels=self.labels)
+
+
+def prepare_audit(
+    settings: Settings, input_roots: Sequence[str], labels: Sequence[str], rels: Iterable[str]
+) -> AuditPlan | None:
+    """An AuditPlan when `settings` ask for a summary or a gate, else None."""
+    if not (settings.summary or settings.fail_under or settings.fail_over):
+        return None
+    truth = resolve_truth(settings.truth, input_roots, labels, rels)
+    if any(key == ACCURACY for key, _ in settings.fail_under) and not truth.known:
+        raise GradcamError(
+            "--fail-under accuracy=...: no ground truth (put a labels.csv of path,label in the input folder, "
+            "name the folders after the classes with --truth folders, or pass --truth FILE)"
+        )
+    return AuditPlan(truth, gates_from(settings.fail_under, settings.fail_over), settings.worst, list(labels))

@@ -1,0 +1,124 @@
+"""One batch's CAMs -> the CSV rows and the files to write for them (heatmaps, overlays, npy, guided pictures).
+
+One row per (image, target, map): a map per layer, or the one fused map (`--fuse`), or `input` for
+guided-backprop. A non-finite result is an error row for that image only. The small per-image numbers come to
+the host once per batch; each map's pixels leave the device as uint8, and what is left to do for a file
+(colouring and encoding on the CPU) runs later on the writer threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+
+from gradcam_cli.cam.engine import CamResult
+from gradcam_cli.data.batches import Batch
+from gradcam_cli.model.labels import label_of
+from gradcam_cli.out.names import OutputNames
+from gradcam_cli.out.table import Row
+from gradcam_cli.out.writer import Encoder
+from gradcam_cli.render.encode import encode_npy, encode_png
+from gradcam_cli.render.heatmap import heatmap, render_guided
+from gradcam_cli.render.overlay import Overlayer
+
+Files = list[tuple[str, Encoder]]
+
+
+class BatchRenderer:
+    """Turns a batch's `CamResult` into rows and files, the same way for every batch of a run.
+
+    `truth(rel)` is the image's true class index, or None when it is unknown; with `--target label`
+    (`needs_truth`) an unknown one makes the image an error row saying `why_unknown(rel)`.
+    """
+
+    def __init__(
+        self,
+        outputs: OutputNames,
+        labels: Sequence[str],
+        method: str,
+        overlayer: Overlayer,
+        truth: Callable[[str], int | None],
+        why_unknown: Callable[[str], str],
+        needs_truth: bool,
+    ) -> None:
+        self.outputs = outputs
+        self.labels = labels
+        self.method = method
+        self.overlayer = overlayer
+        self.truth = truth
+        self.why_unknown = why_unknown
+        self.needs_truth = needs_truth
+
+    def render(self, batch: Batch, result: CamResult, rows: dict[int, list[Row]]) -> Files:
+        """Fill `rows` (by the batch's image index) and return the files to write, in row order."""
+        files: Files = []
+        names = list(result.cams)
+        pred_prob, pred_index = result.probs.max(dim=1)
+        target_prob = result.probs.gather(1, result.targets)
+        finite_logits = torch.isfinite(result.logits).all(dim=1)
+        # one host copy of the small per-image numbers
+        pred_prob_l, pred_index_l = pred_prob.tolist(), pred_index.tolist()
+        target_l, target_prob_l = result.targets.tolist(), target_prob.tolist()
+        finite_l = finite_logits.tolist()
+        cam_max_l = {name: cams.amax(dim=(2, 3)).tolist() for name, cams in result.cams.items()}
+        finite_cams_l = {name: torch.isfinite(c).flatten(1).all(dim=1).tolist() for name, c in result.cams.items()}
+        for i, (index, rel) in enumerate(zip(batch.indices, batch.rels, strict=True)):
+            truth = self.truth(rel)
+            if truth is None and self.needs_truth:
+                rows[index] = [Row.failed(rel, f"--target label: {self.why_unknown(rel)}", self.method)]
+                continue
+            if not finite_l[i] or not all(finite_cams_l[name][i] for name in names):
+                what = "logits" if not finite_l[i] else "CAM"
+                rows[index] = [Row.failed(rel, f"non-finite {what} (NaN or inf) from the model", self.method)]
+                continue
+            pred = (pred_index_l[i], label_of(self.labels, pred_index_l[i]), pred_prob_l[i])
+            true = None if truth is None else (truth, label_of(self.labels, truth))
+            image_rows = []
+            for name in names:
+                seen: set[int] = set()
+                for t, target in enumerate(target_l[i]):
+                    if target in seen:  # `pred` and `topk:K` can name the same class: one map, one row
+                        continue
+                    seen.add(target)
+                    cam = result.cams[name][i, t]
+                    shown = heatmap(cam, batch.sizes[i], batch.boxes[i])
+                    names_of = self.outputs.for_row(rel, name, target)
+                    heat = shown.pixels.cpu().numpy()
+                    overlay = names_of.overlay if batch.originals[i] is not None else ""
+                    if names_of.heatmap:
+                        files.append((names_of.heatmap, partial(encode_png, heat)))
+                    if overlay:
+                        original = batch.originals[i]
+                        assert original is not None
+                        files.append((overlay, self.overlayer.encoder(original, shown.pixels, heat)))
+                    if names_of.npy:
+                        files.append((names_of.npy, partial(encode_npy, cam.cpu().numpy())))
+                    guided = ""
+                    if name in result.guided:
+                        guided = names_of.guided
+                        picture = render_guided(result.guided[name][i, t], batch.sizes[i], batch.boxes[i])
+                        files.append((guided, partial(encode_png, picture.numpy())))
+                        if names_of.guided_npy:
+                            raw = result.guided[name][i, t].cpu().numpy()
+                            files.append((names_of.guided_npy, partial(encode_npy, raw)))
+                    target_row = (target, label_of(self.labels, target), target_prob_l[i][t])
+                    peak = (shown.peak_x, shown.peak_y)
+                    image_rows.append(
+                        Row.explained(
+                            rel,
+                            self.method,
+                            name,
+                            pred,
+                            target_row,
+                            cam_max_l[name][i][t],
+                            peak,
+                            true,
+                            names_of.heatmap,
+                            overlay,
+                            guided,
+                        )
+                    )
+            rows[index] = image_rows
+        return files

@@ -1,0 +1,96 @@
+"""`explain`: plan the run, probe it, prepare OUT, run the batch loop, record the outcome, audit it.
+
+Per-image problems become `status=error` rows; problems with the call itself raise GradcamError before OUT
+is touched. Under torchrun each rank explains its share and rank 0 merges (`coordinator`); only rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gradcam_cli.cam.engine import CamEngine
+from gradcam_cli.config import Settings, check_audit_settings
+from gradcam_cli.data.discover import select_files
+from gradcam_cli.out.folder import OutputFolder
+from gradcam_cli.render.encode import pillow_block_cache, restore_pillow_blocks
+from gradcam_cli.run.coordinator import Coordinator, coordinator_from_env
+from gradcam_cli.run.loop import BatchLoop, ProgressFn
+from gradcam_cli.run.plan import RunPlan, plan_run, probe
+from gradcam_cli.run.tally import RunSummary, Tally
+
+LogFn = Callable[[str], None]
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def explain(
+    inputs: str | Path | Sequence[str | Path],
+    out: str | Path,
+    settings: Settings,
+    progress: ProgressFn | None = None,
+    log: LogFn | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """Explain every image under `inputs` into `out`: heatmaps/, overlays/, npy/, predictions.csv, run.json.
+
+    `progress(n)` is called after each batch with its number of images, `on_start(n)` once with the number of
+    images this process will explain, `log(message)` for messages to the user.
+    """
+    if isinstance(inputs, (str, os.PathLike)):  # one folder or file: a str must not be walked letter by letter
+        inputs = [inputs]
+    coordinator = coordinator_from_env(settings.dist_timeout)
+    say = (log or _silent) if coordinator.leader else _silent
+    with coordinator.session(settings.device):
+        check_audit_settings(settings)
+        folder = OutputFolder(out)
+        folder.check_writable()
+        files = coordinator.list_files(lambda: select_files(inputs, folder.path, settings.sample_rate, settings.limit))
+        device = coordinator.device(settings.device)
+        plan = plan_run(settings, inputs, folder, files, device, coordinator.leader, say)
+        with plan.engine() as engine:
+            notes = [*plan.notes, *probe(plan, engine)]
+            coordinator.started()
+            for note in notes:
+                say(note)
+            summary = _run(plan, engine, coordinator, say, progress, on_start)
+    if plan.audit is not None:
+        summary.audit = plan.audit.run(folder.path)
+    return summary
+
+
+def _run(
+    plan: RunPlan,
+    engine: CamEngine,
+    coordinator: Coordinator,
+    log: LogFn,
+    progress: ProgressFn | None,
+    on_start: Callable[[int], None] | None,
+) -> RunSummary:
+    """run.json is written first (status running) and again at the end, also when the run is interrupted."""
+    manifest = plan.folder.manifest(plan.describe())
+    share = coordinator.prepare(plan, manifest, log)
+    if on_start is not None:
+        on_start(len(share.files))
+    loop = BatchLoop(plan, engine, share.files)
+    tally = Tally()
+    writer = plan.folder.writer(share.csv_name, plan.columns, share.keep_rows)
+    blocks = pillow_block_cache()
+    try:
+        try:
+            loop.run(writer, tally, progress)
+        finally:
+            try:
+                writer.close()
+            finally:
+                restore_pillow_blocks(blocks)
+                tally.stages["write_threads"] = writer.write_seconds
+                loop.report(tally)
+                tally.stop_clock()
+    except BaseException as exc:
+        coordinator.stopped(plan, manifest, share, tally, exc)
+        raise
+    return coordinator.finish(plan, manifest, share, tally)

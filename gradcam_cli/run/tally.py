@@ -1,0 +1,81 @@
+"""What a run did: the tally one process keeps while it runs, and the summary `explain` returns."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradcam_cli.errors import ExitCode
+from gradcam_cli.out.manifest import timing
+from gradcam_cli.out.table import Row
+
+
+@dataclass
+class RunSummary:
+    """What a run did; `exit_code` is what the CLI returns (0 all explained, 1 some images failed, 3 a gate)."""
+
+    out: str
+    total: int
+    ok: int
+    errors: int
+    seconds: float
+    images_per_second: float
+    layers: list[str]
+    stages: dict[str, float] = field(default_factory=dict)
+    skipped: int = 0  # with --resume: images already explained by an earlier run (counted in `ok`)
+    skipped_confident: int = 0  # with --only-below: images given a `skipped` row (their prediction only)
+    audit: Any = None  # with --summary or gates: the `audit.AuditResult` written to summary.json
+    ranks: int = 1  # processes that shared the run (torchrun)
+
+    @property
+    def exit_code(self) -> int:
+        """3 when a --fail-under/--fail-over gate failed (it wins over 1), else 1 when images failed, else 0."""
+        if self.audit is not None and self.audit.failed_gates:
+            return ExitCode.GATE_FAILED
+        return ExitCode.IMAGE_ERRORS if self.errors else ExitCode.OK
+
+
+@dataclass
+class Tally:
+    """One process's counts (images, not rows), seconds per stage, and what run.json says about how the
+    overlays were encoded and the JPEGs decoded (`notes`)."""
+
+    ok: int = 0
+    errors: int = 0
+    skipped: int = 0  # --only-below
+    stages: dict[str, float] = field(default_factory=lambda: {"decode_wait": 0.0, "compute": 0.0, "render": 0.0})
+    notes: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+
+    def count(self, rows: Mapping[int, Sequence[Row]]) -> None:
+        """One batch's rows by image: an image counts by its first row's status."""
+        for image_rows in rows.values():
+            status = image_rows[0].status
+            if status == "ok":
+                self.ok += 1
+            elif status == "skipped":
+                self.skipped += 1
+            else:
+                self.errors += 1
+
+    def stop_clock(self) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.errors + self.skipped
+
+    def timing(self) -> dict[str, Any]:
+        return timing(self.seconds, self.done, self.stages)
