@@ -22,7 +22,7 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.demo-installed
 	$(BIN)/gradcam explain sample_images -o $(DEMO_OUT) -c configs/efficientnet_lite0.yaml
 
-# the README's worked audit: every metric on sample_images with the shipped boxes, summary, gates, HTML report
+# the worked audit of docs/auditing.md: every metric on sample_images with the shipped boxes, summary, gates, HTML report
 audit: $(VENV)/.demo-installed
 	$(BIN)/gradcam explain sample_images -o $(AUDIT_OUT) -c configs/efficientnet_lite0.yaml \
 		--metrics deletion,insertion,drop,pointing,energy --boxes sample_images/boxes.csv --summary
