@@ -26,8 +26,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gradcam_cli.engine import CamEngine
-from gradcam_cli.methods import METHOD_INFO
+from gradcam_cli.cam.engine import CamEngine
+from gradcam_cli.cam.methods import method_names
 
 SLOW = {"scorecam", "ablationcam"}
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--slow-rounds", type=int, default=1, help="rounds that time scorecam and ablationcam")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the top-k comparison")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", default=",".join(METHOD_INFO))
+    parser.add_argument("--methods", default=",".join(method_names()))
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args()
 

@@ -193,9 +193,9 @@ COMMAND_KINDS: list[tuple[tuple[str, ...], str, str]] = [
     (("make",), CHECK, "creates .venv and installs packages; `make test` would run this suite inside itself"),
     (("pip", "install"), CHECK, "installs packages from the package index"),
     (
-        ("python", "-m", "gradcam_cli.catalog"),
+        ("python", "-m", "gradcam_cli.model.catalog"),
         CHECK,
-        "builds and traces every torchvision model (minutes) and rewrites gradcam_cli/catalog_table.py",
+        "builds and traces every torchvision model (minutes) and rewrites gradcam_cli/model/catalog_table.py",
     ),
     (("ruff", "format"), CHECK, "rewrites a source file of the package"),
     (("python", "bench/*.py"), CHECK, "benchmarks that take 20-30 minutes of an otherwise idle machine"),
@@ -522,8 +522,8 @@ def check_named(argv: Sequence[str], skip: int) -> None:
             assert match, f"pip install {spec}: expected . or .[extra,...]"
             for extra in filter(None, (match.group(1) or "").split(",")):
                 assert extra in known, f"pyproject.toml has no extra {extra!r} (has {sorted(known)})"
-    elif words[:3] == ["python", "-m", "gradcam_cli.catalog"]:
-        assert importlib.util.find_spec("gradcam_cli.catalog") is not None
+    elif words[:3] == ["python", "-m", "gradcam_cli.model.catalog"]:
+        assert importlib.util.find_spec("gradcam_cli.model.catalog") is not None
     elif words[:2] == ["ruff", "format"]:
         for name in rest:
             assert (REPO / name).exists(), f"ruff format {name}: no such file in the repository"
