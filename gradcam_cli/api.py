@@ -1,22 +1,24 @@
 """The Python API: what the CLI calls, and what notebooks and scripts call.
 
-    from gradcam_cli.api import audit, explain, report
+    from gradcam_cli.api import audit, explain, layers, models, report
 
-`explain` needs torch (imported when it runs); `audit` and `report` read an output folder and never import it.
+`explain` and `layers` need torch (imported when they run); `audit` and `report` read an output folder and
+`models` a table, and never import it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradcam_cli.config import Settings
+from gradcam_cli.config import Settings, load_settings
+from gradcam_cli.errors import GradcamError
 
 if TYPE_CHECKING:
-    from gradcam_cli.audit.gates import Gate
-    from gradcam_cli.audit.summary import AuditResult
-    from gradcam_cli.audit.truth import Truth
+    from gradcam_cli.model.catalog import ZooModel
+    from gradcam_cli.model.layers import LayerInfo
     from gradcam_cli.run.tally import RunSummary
 
 LogFn = Callable[[str], None]
@@ -46,29 +48,57 @@ def explain(
     )
 
 
-def audit(
-    out: str | Path,
-    truth: str | Truth = "auto",
-    worst: int = 10,
-    gates: Sequence[Gate] = (),
-    labels: Sequence[str] | None = None,
-    write: bool = True,
-) -> AuditResult:
-    """Summarise the explain output folder `out` into `out/summary.json` and check `gates` (see `audit.gates`)."""
-    from gradcam_cli.audit.summary import audit as run_audit
+def models(pattern: str | None = None) -> list[ZooModel]:
+    """The torchvision classifiers `gradcam models` lists, filtered by `pattern` (a substring, or a glob such as
+    'vit_*'); a pattern that matches none is a usage error. Read from a table, so no torch is imported."""
+    import fnmatch
 
-    return run_audit(out, truth=truth, worst=worst, gates=gates, labels=labels, write=write)
+    from gradcam_cli.model.catalog import zoo
+
+    rows = zoo()
+    if pattern:
+        glob = any(c in pattern for c in "*?[")
+        rows = [m for m in rows if (fnmatch.fnmatch(m.name, pattern) if glob else pattern in m.name)]
+        if not rows:
+            raise GradcamError(f"no torchvision classification model matches '{pattern}' (`gradcam models` lists all)")
+    return rows
 
 
-def report(
-    out: str | Path,
-    truth: str | Truth = "auto",
-    title: str | None = None,
-    thumb_size: int = 256,
-    low_confidence: float = 0.5,
-    log: LogFn | None = None,
-) -> Path:
-    """Write `out/report.html`, a self-contained page for the explain output folder `out`; returns its path."""
-    from gradcam_cli.audit.report import build_report
+@dataclass(frozen=True)
+class LayerReport:
+    """What `gradcam layers` shows: the model as built, its modules as one dummy forward saw them, the pick."""
 
-    return build_report(out, truth=truth, title=title, thumb_size=thumb_size, low_confidence=low_confidence, log=log)
+    model: str
+    input_size: tuple[int, int]
+    layers: list[LayerInfo]
+    auto_detected: str
+    family_config: str | None
+
+
+def layers(model: str, config: str | Path | None = None, input_size: int | None = None) -> LayerReport:
+    """`model`'s modules with their output shapes for a dummy input (random weights) and the auto-detected layer;
+    `config` for model_kwargs, num_classes or input_size of a factory."""
+    settings = load_settings(config, model=model, weights="none", input_size=input_size)  # before torch loads
+    from gradcam_cli.model.catalog import family_config
+    from gradcam_cli.model.layers import inspect_layers
+    from gradcam_cli.model.loading import load_model
+
+    loaded = load_model(settings)
+    infos, pick = inspect_layers(loaded.model, loaded.spec.size)
+    family = family_config(model) if ":" not in model else None
+    return LayerReport(loaded.name, loaded.spec.size, infos, pick, family)
+
+
+def __getattr__(name: str) -> Any:
+    """`audit(out, truth, worst, gates, labels, write) -> AuditResult` (gradcam_cli.audit.summary.audit) and
+    `report(out, truth, title, thumb_size, low_confidence, log) -> Path` (gradcam_cli.audit.report.report),
+    imported on first use so that `gradcam --help` does not pay for them. Neither imports torch."""
+    if name == "audit":
+        from gradcam_cli.audit.summary import audit
+
+        return audit
+    if name == "report":
+        from gradcam_cli.audit.report import report
+
+        return report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -372,16 +372,10 @@ def models(pattern: str | None) -> None:
     PATTERN filters the names (a substring, or a glob such as 'vit_*'). The list is a table generated from
     torchvision, so it answers without importing torch; `gradcam layers MODEL` traces the real model.
     """
-    import fnmatch
+    from gradcam_cli.api import models as zoo_models
+    from gradcam_cli.model.catalog import QUANTIZED, TORCHVISION_VERSION, installed_torchvision
 
-    from gradcam_cli.model.catalog import QUANTIZED, TORCHVISION_VERSION, installed_torchvision, zoo
-
-    rows = zoo()
-    if pattern:
-        glob = any(c in pattern for c in "*?[")
-        rows = [m for m in rows if (fnmatch.fnmatch(m.name, pattern) if glob else pattern in m.name)]
-        if not rows:
-            raise GradcamError(f"no torchvision classification model matches '{pattern}' (`gradcam models` lists all)")
+    rows = zoo_models(pattern)
     click.echo(f"{'model':<20} {'input':>5}  {'auto-detected layer':<38} {'config':<27} weights (input size if other)")
     for m in rows:
         weights = ", ".join(w if size == m.input_size else f"{w} ({size})" for w, size in m.weights) or "-"
@@ -419,20 +413,14 @@ def layers(model: str, config: str | None, input_size: int | None, show_all: boo
     Token sequences (ViT) and channels-last maps (Swin) count as spatial: the line says which grid they are
     reshaped to. A module that runs more than once cannot be a target (its hook would see several outputs).
     """
-    settings = load_settings(config, model=model, weights="none", input_size=input_size)
-    from gradcam_cli.model.catalog import family_config
-    from gradcam_cli.model.layers import inspect_layers
-    from gradcam_cli.model.loading import load_model
+    from gradcam_cli.api import layers as model_layers
 
-    loaded = load_model(settings)
-    infos, pick = inspect_layers(loaded.model, loaded.spec.size)
-    family = family_config(model) if ":" not in model else None
-    shown_config = f"; family config: configs/{family}" if family else ""
-    click.echo(
-        f"{loaded.name}: input 3x{loaded.spec.size[0]}x{loaded.spec.size[1]}; auto-detected layer: {pick}{shown_config}"
-    )
+    report = model_layers(model, config, input_size)
+    pick, (height, width) = report.auto_detected, report.input_size
+    shown_config = f"; family config: configs/{report.family_config}" if report.family_config else ""
+    click.echo(f"{report.model}: input 3x{height}x{width}; auto-detected layer: {pick}{shown_config}")
     click.echo("  '*' = spatial output, usable as --layer; '>' = the auto-detected one")
-    for info in infos:
+    for info in report.layers:
         if not show_all and not info.spatial:
             continue
         mark = ">" if info.name == pick else ("*" if info.spatial and info.calls == 1 else " ")

@@ -8,12 +8,18 @@ are ground truth that `--truth auto` recognises). With inputs in [0, 1] (config 
 
 Grad-CAM of class c at `features` is then ReLU(W[c] . colour): exactly the pixels of that colour, zero on a
 grey background. So a test knows the prediction of every image and where its heatmap peaks.
+
+`synthetic_out` makes an explain-shaped folder without any model (for the report at scale).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
@@ -91,3 +97,38 @@ def make_world(root: Path) -> dict[str, Path]:
     cfg = root / "colour.yaml"
     cfg.write_text(CONFIG + "workers: 0\nquiet: true\n", encoding="utf-8")
     return {"root": root, "images": images, "boxes": boxes, "masks": masks, "cfg": cfg}
+
+
+def synthetic_out(root: Path, n: int, metrics: bool = True) -> Path:
+    """An explain-shaped folder without running a model: n rows, tiny originals and overlays, a run.json."""
+    out, src = root / "out", root / "src"
+    (out / "overlays").mkdir(parents=True)
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    overlay = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(overlay, format="JPEG")
+    original = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(original, format="PNG")
+    header = ["path", "status", "error", "pred_index", "pred_label", "pred_prob", "target_index", "target_label"]
+    header += ["target_prob", "method", "layer", "cam_max", "peak_x", "peak_y", "heatmap", "overlay"]
+    if metrics:
+        header += ["deletion_auc", "insertion_auc", "pointing_hit", "energy_in_box"]
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for i in range(n):
+            rel = f"c{i % 50:02d}/img{i:05d}.png"
+            (src / rel).parent.mkdir(exist_ok=True)
+            (src / rel).write_bytes(original.getvalue())
+            (out / "overlays" / rel).parent.mkdir(exist_ok=True)
+            (out / "overlays" / f"{rel}.jpg").write_bytes(overlay.getvalue())
+            p = float(rng.uniform(0.05, 1.0))
+            row = [rel, "ok", "", i % 7, f"class {i % 7}", f"{p:.6f}", i % 7, f"class {i % 7}", f"{p:.6f}"]
+            row += ["gradcam", "layer4", "1.0", 3, 4, "", f"overlays/{rel}.jpg"]
+            if metrics:
+                deletion, insertion, hit, energy = rng.uniform(), rng.uniform(), rng.uniform() < 0.7, rng.uniform()
+                row += [f"{deletion:.6f}", f"{insertion:.6f}", int(hit), f"{energy:.6f}"]
+            writer.writerow(row)
+    run = {"model": "synthetic", "input_roots": [str(src)], "labels": [f"class {k}" for k in range(7)]}
+    (out / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    return out

@@ -233,3 +233,20 @@ class Browser:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def card_paths(br: Browser) -> list[str]:
+    return br.evaluate("Array.from(document.querySelectorAll('#gallery .card')).map(c => c.dataset.path)")
+
+
+def open_page(br: Browser, page: Path) -> float:
+    seconds = br.navigate(page.as_uri())
+    try:
+        br.wait_for("document.body.dataset.ready === '1'")
+    except Exception as exc:
+        raise AssertionError(f"the page never got ready: {br.console_errors()}") from exc
+    # the thumbnails in view have loaded (or failed, which console_errors would show)
+    br.wait_for(
+        "Array.from(document.images).filter(i => i.getBoundingClientRect().top < innerHeight).every(i => i.complete)"
+    )
+    return seconds

@@ -25,12 +25,11 @@ import numpy as np
 import pytest
 import torch
 from audit_models import PREDICTED, SQUARES, draw_square, make_world
-from click.testing import CliRunner, Result
-from outputs import rows_of
+from click.testing import Result
+from helpers import invoke, rows_of
 from PIL import Image
 
 from gradcam_cli.audit import measures as M
-from gradcam_cli.cli import main
 from gradcam_cli.config import load_settings
 from gradcam_cli.data.decode import decode_rgb, model_input
 from gradcam_cli.data.discover import in_sample
@@ -41,13 +40,9 @@ BASE_HEADER = (
     "method,layer,cam_max,peak_x,peak_y,heatmap,overlay"
 )
 METRIC_HEADER = "deletion_auc,insertion_auc,avg_drop,increase,pointing_hit,energy_in_box"
-# issue 4's columns come last, after any metric columns
+# the truth and guided columns come last, after any metric columns
 CAM_HEADER = ",true_index,true_label,correct,guided"
 STEPS = 5
-
-
-def invoke(*args: Any) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def header_of(out: Path) -> str:

@@ -10,26 +10,19 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torchvision
-from click.testing import CliRunner, Result
+from helpers import invoke
 
 from gradcam_cli import load_settings
-from gradcam_cli.cli import main
 from gradcam_cli.model.catalog import FAMILY_CONFIGS, MODELS, QUANTIZED, TORCHVISION_VERSION, family_config, zoo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-START_UP_LIMIT_S = 2.0  # the target is < 1 s; generous for a loaded CI machine
-
-
-def invoke(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 # --- the table against torchvision ------------------------------------------------------------------------------
@@ -135,7 +128,7 @@ def test_models_unknown_pattern_exits_2() -> None:
     assert result.stderr.startswith("Error: no torchvision classification model matches 'transformer9000'")
 
 
-def test_models_answers_without_importing_torch_and_fast(run_process: Callable[..., Any]) -> None:
+def test_models_answers_without_importing_torch(run_process: Callable[..., Any]) -> None:
     proc = run_process([sys.executable, "-m", "gradcam_cli", "models"], env_extra={"PYTHONPROFILEIMPORTTIME": "1"})
     assert proc.returncode == 0, proc.stderr
     imported = [ln.split("|")[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
@@ -143,13 +136,6 @@ def test_models_answers_without_importing_torch_and_fast(run_process: Callable[.
     heavy = [m for m in imported if m.split(".")[0] in ("torch", "torchvision", "numpy", "PIL")]
     assert heavy == [], heavy
     assert len([ln for ln in proc.stdout.splitlines() if ln.split()[:1] and ln.split()[0] in MODELS]) == len(MODELS)
-
-    start = time.perf_counter()
-    proc = run_process([sys.executable, "-m", "gradcam_cli", "models"])
-    elapsed = time.perf_counter() - start
-    print(f"`gradcam models` took {elapsed:.3f} s")
-    assert proc.returncode == 0
-    assert elapsed < START_UP_LIMIT_S, f"`gradcam models` took {elapsed:.2f} s"
 
 
 # --- gradcam layers ---------------------------------------------------------------------------------------------

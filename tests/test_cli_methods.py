@@ -12,22 +12,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
-from outputs import rows_of
+from click.testing import CliRunner
+from helpers import assert_usage_error, explain, rows_of
 from PIL import Image
-from test_cli import assert_usage_error
 from torchvision.models import ResNet18_Weights
 
 from gradcam_cli.cli import main
 from gradcam_cli.config import METHOD_NAMES
 
-BASE = ["--model", "resnet18", "--weights", "none", "--workers", "0", "-q"]
 CATEGORIES = ResNet18_Weights.DEFAULT.meta["categories"]
-
-
-def explain(inputs: Path | list[Path], out: Path, *extra: str) -> Result:
-    paths = inputs if isinstance(inputs, list) else [inputs]
-    return CliRunner().invoke(main, ["explain", *map(str, paths), "-o", str(out), *BASE, *map(str, extra)])
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +292,24 @@ def test_resume_knows_fused_and_guided_outputs(two_images: Path, tmp_path: Path,
     assert explain(two_images, out, *args, "--resume", "--chunk-size", "8").exit_code == 0
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["resume"] == {"skipped": 2}
     assert_usage_error(explain(two_images, out, *args, "--resume", "--counterfactual"), "method_options")
+
+
+def test_resume_keeps_each_image_s_own_ground_truth(tmp_path: Path, make_image: Any, small: list[str]) -> None:
+    """Images explained again after an interruption get their own true class (looked up by path, not by
+    position in the shorter list of what is left): the result equals an uninterrupted run's."""
+    root = tmp_path / "val"
+    for i in range(2):
+        make_image(root / "espresso" / f"e{i}.png", seed=20 + i)
+        make_image(root / "tabby" / f"t{i}.png", seed=30 + i)
+    args = [*small, "--target", "label", "--target", "pred", "--batch-size", "2"]
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert explain(root, whole, *args).exit_code == 0
+    assert explain(root, out, *args).exit_code == 0
+    for p in (out / "heatmaps" / "tabby").iterdir():  # the tabby images, last in input order, are done again
+        p.unlink()
+    assert explain(root, out, *args, "--resume").exit_code == 0
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["resume"] == {"skipped": 2}
+    rows = rows_of(out)
+    assert rows == rows_of(whole)
+    assert {r["true_label"] for r in rows if r["path"].startswith("tabby/")} == {"tabby"}
+    assert {r["target_label"] for r in rows if r["path"].startswith("tabby/")} >= {"tabby"}

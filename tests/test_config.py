@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import one_line
 
 from gradcam_cli.config import Settings, load_settings, read_config
 from gradcam_cli.errors import GradcamError
@@ -21,13 +22,6 @@ def _write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text), encoding="utf-8")
     return path
-
-
-def _one_line(exc: pytest.ExceptionInfo[GradcamError]) -> str:
-    message = str(exc.value)
-    assert message.strip(), "error message is empty"
-    assert "\n" not in message, f"error message spans several lines: {message!r}"
-    return message
 
 
 # --- defaults -----------------------------------------------------------------------------------------------
@@ -220,7 +214,7 @@ def test_unknown_config_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
     cfg = _write(tmp_path, "batch_sise: 4\n")
     with pytest.raises(GradcamError) as exc:
         read_config(cfg)
-    message = _one_line(exc)
+    message = one_line(exc)
     assert "'batch_sise'" in message
     assert "batch_size" in message  # the suggestion
     with pytest.raises(GradcamError):
@@ -231,7 +225,7 @@ def test_unknown_key_without_near_match_still_lists_valid_keys(tmp_path: Path) -
     cfg = _write(tmp_path, "zzzz: 1\n")
     with pytest.raises(GradcamError) as exc:
         read_config(cfg)
-    message = _one_line(exc)
+    message = one_line(exc)
     assert "'zzzz'" in message
     assert "batch_size" in message and "targets" in message
 
@@ -287,7 +281,7 @@ def test_unknown_flag_keyword_is_an_error() -> None:
         ("model", "[resnet18]"),
         ("weights", "5"),
         ("labels", "[a, b]"),
-        # issue 4's keys
+        # method options and ground truth
         ("fuse", "avg"),
         ("fuse", "true"),
         ("chunk_size", "0"),
@@ -301,7 +295,7 @@ def test_wrong_type_names_the_key(tmp_path: Path, key: str, yaml_value: str) -> 
     cfg = _write(tmp_path, f"{key}: {yaml_value}\n")
     with pytest.raises(GradcamError) as exc:
         load_settings(cfg)
-    message = _one_line(exc)
+    message = one_line(exc)
     assert f"config key '{key}'" in message, message
     assert "expected" in message
 
@@ -309,7 +303,7 @@ def test_wrong_type_names_the_key(tmp_path: Path, key: str, yaml_value: str) -> 
 def test_wrong_flag_value_names_the_option() -> None:
     with pytest.raises(GradcamError) as exc:
         load_settings(None, batch_size=0)
-    message = _one_line(exc)
+    message = one_line(exc)
     assert "batch_size" in message or "--batch-size" in message
     with pytest.raises(GradcamError, match=r"alpha|--alpha"):
         load_settings(None, alpha=3.0)
@@ -326,7 +320,7 @@ def test_yaml_syntax_error_reports_the_line(tmp_path: Path) -> None:
     cfg = _write(tmp_path, "model: resnet18\nsave: [heatmap, overlay\nalpha: 0.5\n")
     with pytest.raises(GradcamError) as exc:
         read_config(cfg)
-    message = _one_line(exc)
+    message = one_line(exc)
     assert str(cfg) in message
     assert "line" in message
 
@@ -336,18 +330,18 @@ def test_top_level_must_be_a_mapping(tmp_path: Path, text: str) -> None:
     cfg = _write(tmp_path, text)
     with pytest.raises(GradcamError) as exc:
         read_config(cfg)
-    assert "mapping" in _one_line(exc)
+    assert "mapping" in one_line(exc)
 
 
 def test_missing_and_binary_config_files(tmp_path: Path) -> None:
     with pytest.raises(GradcamError) as exc:
         read_config(tmp_path / "nope.yaml")
-    assert "nope.yaml" in _one_line(exc)
+    assert "nope.yaml" in one_line(exc)
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00\x81 model: x")
     with pytest.raises(GradcamError) as exc2:
         read_config(binary)
-    assert "binary.yaml" in _one_line(exc2)
+    assert "binary.yaml" in one_line(exc2)
 
 
 def test_unsafe_yaml_tags_are_rejected(tmp_path: Path) -> None:
@@ -379,7 +373,7 @@ def test_config_handling_never_imports_torch(tmp_path: Path) -> None:
     assert proc.stdout.split() == ["False", "False"]
 
 
-# --- issue 4: methods, smoothing, fusion, ground truth ------------------------------------------------------
+# --- methods, smoothing, fusion, ground truth --------------------------------------------------------------
 
 
 def test_method_option_keys(tmp_path: Path) -> None:
@@ -425,5 +419,5 @@ def test_channels_last_is_true_false_or_auto(tmp_path: Path, yaml_value: str, ex
 def test_channels_last_other_values_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(GradcamError) as exc:
         load_settings(_write(tmp_path, "channels_last: sometimes\n"))
-    message = _one_line(exc)
+    message = one_line(exc)
     assert "channels_last" in message and "true, false or auto" in message

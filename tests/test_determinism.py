@@ -13,17 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
-from outputs import rows_of
+from helpers import invoke, rows_of
 from PIL import Image
 
-from gradcam_cli.cli import main
-
 TIMING_KEYS = {"started", "finished", "wall_seconds", "images_per_second", "stage_seconds", "stage_images_per_second"}
-
-
-def invoke(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def files_of(out: Path) -> dict[str, bytes]:

@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
 from corpus import STORED_FOR_ORIENTATION, build_corpus, exif_jpeg, smooth_rgb
-from outputs import rows_of
+from helpers import invoke, rows_of
 from PIL import Image
 
-from gradcam_cli.cli import main
 from gradcam_cli.data.batches import Batch, ImageDataset, collate
 from gradcam_cli.data.decode import decode_rgb, model_input, probe_jpeg
 from gradcam_cli.data.device import DeviceDecoder, device_decoder_error, orient, resize_crop
@@ -32,10 +30,6 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PHOTOS = ["china.jpg", "flower.jpg", "grace_hopper.jpg", "retina.jpg", "rocket.jpg"]
 FULL = InputSpec(size=(224, 224), resize_size=224, mean=(0.5,) * 3, std=(0.5,) * 3, mode="full")
 CROP = InputSpec(size=(224, 224), resize_size=256, mean=(0.5,) * 3, std=(0.5,) * 3, mode="crop")
-
-
-def invoke(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def _jpeg(array: np.ndarray, **params: object) -> bytes:

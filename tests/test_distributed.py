@@ -1,4 +1,4 @@
-"""Distributed runs (issue 8): sharding, the rank-to-rank messages, the merge, and torchrun end to end on CPU/gloo.
+"""Distributed runs: sharding, the rank-to-rank messages, the merge, and torchrun end to end on CPU/gloo.
 
 The end-to-end tests start real torchrun jobs (`python -m torch.distributed.run`) of 2 CPU processes on 25
 small files (24 images and one that cannot be decoded) with a seeded random resnet18 at 64 px, and compare
@@ -490,7 +490,7 @@ def test_two_ranks_give_the_same_results_as_one_process(
     assert not list(out.glob("predictions.rank*.csv")) and not list(out.rglob("*.tmp"))
     # metric columns are in the CSV compared above; summary.json and its gate were made from the merged CSV
     header = (out / "predictions.csv").read_text(encoding="utf-8").splitlines()[0]
-    assert header.endswith(",avg_drop,increase," + ",".join(TAIL_COLUMNS))  # issue 4's columns come last
+    assert header.endswith(",avg_drop,increase," + ",".join(TAIL_COLUMNS))  # the truth and guided columns come last
     ours, theirs = (json.loads((d / "summary.json").read_text(encoding="utf-8")) for d in (out, reference))
     assert ours["counts"]["images"] == 25 and ours["gates"][0]["gate"] == "--fail-under increase=0.5"
     assert {**ours, "generated": None} == {**theirs, "generated": None}

@@ -8,50 +8,13 @@ min-max-normalised map). Every comparison prints its measured difference (`pytes
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-import torchvision
-from skimage import data as skdata
+from helpers import FIXED_TARGETS, SIZE, assert_nontrivial, fixed, make_images, make_model
 from torch import Tensor, nn
 
 from gradcam_cli.cam.engine import CamEngine
 from gradcam_cli.render.heatmap import upsample_normalize
-
-SIZE = 224
-FIXED_TARGETS = [189, 126, 287, 203]  # one class per image of the batch of 4; each map has 16-36 of 49 cells > 0
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(weights=None).eval()
-
-
-def photo(array: np.ndarray) -> Tensor:
-    """HWC uint8 photo -> normalised (3, 224, 224) float tensor."""
-    t = torch.from_numpy(array).permute(2, 0, 1).float().div(255.0)
-    t = F.interpolate(t[None], size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)[0]
-    return (t - MEAN) / STD
-
-
-def make_images(n: int, seed: int) -> Tensor:
-    """Batch of n: chelsea, coffee, then random normal images."""
-    real = [photo(skdata.chelsea()), photo(skdata.coffee())]
-    gen = torch.Generator().manual_seed(seed)
-    rand = [torch.randn(3, SIZE, SIZE, generator=gen) for _ in range(max(0, n - len(real)))]
-    return torch.stack((real + rand)[:n])
-
-
-def fixed(classes: Tensor):
-    """select_targets returning the given (B, T) class table whatever the logits."""
-
-    def select(logits: Tensor) -> Tensor:
-        return classes.to(logits.device)
-
-    return select
 
 
 def run_ours(model: nn.Module, x: Tensor, classes: Tensor, layer: str = "layer4") -> Tensor:
@@ -75,13 +38,6 @@ def assert_cam_close(actual: Tensor, expected: Tensor, label: str, rtol: float =
         worst_rel = max(worst_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
         torch.testing.assert_close(a[i], e[i], rtol=rtol, atol=atol * scale, msg=lambda m, i=i: f"{label} map {i}: {m}")
     print(f"[{label}] max abs diff {worst_abs:.3e}, max diff / map max {worst_rel:.3e}")
-
-
-def assert_nontrivial(cams: Tensor) -> None:
-    """Guard against vacuous passes: every map has signal, and the batch's maps are not all alike."""
-    flat = cams.reshape(-1, cams.shape[-2] * cams.shape[-1])
-    assert bool((flat.amax(dim=1) > 0).all()), "a reference map is all zero: the comparison would be vacuous"
-    assert not torch.allclose(flat[0], flat[1]), "maps of different images coincide"
 
 
 @pytest.fixture(scope="module")

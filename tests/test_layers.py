@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from gradcam_cli.errors import GradcamError
-from gradcam_cli.model.layers import auto_detect_layer, parse_layer_path, resolve_layer, trace_layers
+from gradcam_cli.model.layers import auto_detect_layer, inspect_layers, parse_layer_path, resolve_layer
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +152,11 @@ def test_malformed_path_is_an_error_not_the_whole_model(resnet18: nn.Module) -> 
         resolve_layer(resnet18, "")
 
 
-# --- trace_layers and auto_detect_layer ---------------------------------------------------------------------
+# --- inspect_layers and auto_detect_layer ---------------------------------------------------------------------
 
 
-def test_trace_layers_shapes_and_calls(resnet18: nn.Module) -> None:
-    infos = {i.name: i for i in trace_layers(resnet18, (224, 224))}
+def test_inspect_layers_shapes_and_calls(resnet18: nn.Module) -> None:
+    infos = {i.name: i for i in inspect_layers(resnet18, (224, 224))[0]}
     assert infos["layer4"].shape == (1, 512, 7, 7)
     assert infos["layer4"].spatial and infos["layer4"].calls == 1
     assert infos["layer3"].shape == (1, 256, 14, 14)
@@ -169,9 +169,9 @@ def test_trace_layers_shapes_and_calls(resnet18: nn.Module) -> None:
     assert resnet18.training is False  # tracing restores the mode
 
 
-def test_trace_layers_restores_training_mode_and_removes_hooks() -> None:
+def test_inspect_layers_restores_training_mode_and_removes_hooks() -> None:
     model = torchvision.models.resnet18(weights=None).train()
-    trace_layers(model, (64, 64))
+    inspect_layers(model, (64, 64))
     assert model.training
     assert all(not m._forward_hooks for m in model.modules())
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from gradcam_cli.cam.engine import CamEngine
 from gradcam_cli.errors import GradcamError
-from gradcam_cli.model.layers import auto_detect_layer, trace_layers
+from gradcam_cli.model.layers import auto_detect_layer, inspect_layers
 from gradcam_cli.model.layouts import Layout, TokenHint, infer_layout, plausible_grid, token_hint
 
 PATCH = 16
@@ -218,7 +218,7 @@ def test_vit_auto_detection_picks_the_last_block_whose_patches_reach_the_class_t
     vits: dict[int, nn.Module], image_size: int
 ) -> None:
     model = vits[image_size]
-    infos = {i.name: i for i in trace_layers(model, (image_size, image_size))}
+    infos = {i.name: i for i in inspect_layers(model, (image_size, image_size))[0]}
     last = "encoder.layers.encoder_layer_11"
     # the last block's output and everything after it are token grids, but only the class token reaches the head
     assert infos[last].spatial and infos["encoder"].spatial

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_equivalence import FIXED_TARGETS, SIZE, assert_nontrivial, fixed, make_images, make_model
+from helpers import FIXED_TARGETS, SIZE, assert_nontrivial, fixed, make_images, make_model
 from torch import Tensor, nn
 
 from gradcam_cli.cam.engine import AUGMENTATIONS, CamEngine

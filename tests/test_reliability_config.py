@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner, Result
+from click.testing import Result
+from helpers import invoke
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradcam_cli.cli import main
 from gradcam_cli.config import VALIDATORS, flag_name, load_settings, read_config
 from gradcam_cli.data.discover import discover
 from gradcam_cli.errors import GradcamError
@@ -38,10 +38,6 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-def invoke(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def one_error_line(result: Result) -> str:
@@ -102,7 +98,7 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "channels_last": [True, False, "auto"],
     "decode": ["auto", "workers", "device", "nvjpeg"],
     "seed": [0, 7, 2**40],
-    # audit (issue 7); boxes.csv and masks/ exist in the end-to-end test's folder
+    # audit; boxes.csv and masks/ exist in the end-to-end test's folder
     "metrics": ["deletion", "drop", "pointing,energy", [], ["insertion", "deletion"], "speed"],
     "steps": [2, 3, 1],
     "baseline": ["blur", "zero", "mean", "noise"],
@@ -116,8 +112,8 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "fail_over": [{"deletion": 0.9}, "drop=50", []],
     "only_below": [0.5, 1, 0],
     "sample_rate": [0.5, 1, "50%", 0],
-    "dist_timeout": [0.5, 120, 0, -3],  # issue 8
-    # CAM family (issue 4)
+    "dist_timeout": [0.5, 120, 0, -3],  # torchrun
+    # CAM method options
     "counterfactual": [True, False],
     "aug_smooth": [True, False],
     "eigen_smooth": [True, False],

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
-from outputs import rows_of
+from click.testing import Result
+from helpers import invoke, rows_of
 from PIL import Image
 
-from gradcam_cli.cli import main
 from gradcam_cli.out import files as out_files
 from gradcam_cli.out import writer as out_writer
 from gradcam_cli.out.files import atomic_write
@@ -31,10 +30,6 @@ from gradcam_cli.out.writer import OutputWriter
 from gradcam_cli.render.encode import encode_png
 
 HEADER = ",".join(BASE_COLUMNS + TAIL_COLUMNS)
-
-
-def invoke(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def temp_files(out: Path) -> list[Path]:

@@ -9,10 +9,8 @@ A slow test measures a 10,000-row report (build time, page load, filter and sort
 
 from __future__ import annotations
 
-import csv
 import io
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -20,23 +18,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from audit_models import make_world
-from click.testing import CliRunner, Result
-from headless import Browser, find_chromium
-from outputs import rows_of
+from audit_models import make_world, synthetic_out
+from headless import Browser, card_paths, find_chromium, open_page
+from helpers import invoke, rows_of
 from PIL import Image
 
-from gradcam_cli.audit.report import build_report
-from gradcam_cli.cli import main
+from gradcam_cli.audit.report import report as build_report
 
 CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium binary on PATH (.ci/run installs Debian's chromium; or set $CHROMIUM)"
 )
-
-
-def invoke(*args: Any) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def page_data(html: str) -> dict[str, Any]:
@@ -97,23 +89,6 @@ def test_report_reuses_thumbnails_and_checks_options(report_out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- the browser
-
-
-def card_paths(br: Browser) -> list[str]:
-    return br.evaluate("Array.from(document.querySelectorAll('#gallery .card')).map(c => c.dataset.path)")
-
-
-def open_page(br: Browser, page: Path) -> float:
-    seconds = br.navigate(page.as_uri())
-    try:
-        br.wait_for("document.body.dataset.ready === '1'")
-    except Exception as exc:
-        raise AssertionError(f"the page never got ready: {br.console_errors()}") from exc
-    # the thumbnails in view have loaded (or failed, which console_errors would show)
-    br.wait_for(
-        "Array.from(document.images).filter(i => i.getBoundingClientRect().top < innerHeight).every(i => i.complete)"
-    )
-    return seconds
 
 
 def set_control(br: Browser, element_id: str, value: Any) -> None:
@@ -180,41 +155,6 @@ def test_report_in_headless_chromium(report_out: Path, tmp_path: Path) -> None:
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200, "too few colours for a page with photos"
 
 
-def synthetic_out(root: Path, n: int, metrics: bool = True) -> Path:
-    """An explain-shaped folder without running a model: n rows, tiny originals and overlays, a run.json."""
-    out, src = root / "out", root / "src"
-    (out / "overlays").mkdir(parents=True)
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    overlay = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(overlay, format="JPEG")
-    original = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(original, format="PNG")
-    header = ["path", "status", "error", "pred_index", "pred_label", "pred_prob", "target_index", "target_label"]
-    header += ["target_prob", "method", "layer", "cam_max", "peak_x", "peak_y", "heatmap", "overlay"]
-    if metrics:
-        header += ["deletion_auc", "insertion_auc", "pointing_hit", "energy_in_box"]
-    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for i in range(n):
-            rel = f"c{i % 50:02d}/img{i:05d}.png"
-            (src / rel).parent.mkdir(exist_ok=True)
-            (src / rel).write_bytes(original.getvalue())
-            (out / "overlays" / rel).parent.mkdir(exist_ok=True)
-            (out / "overlays" / f"{rel}.jpg").write_bytes(overlay.getvalue())
-            p = float(rng.uniform(0.05, 1.0))
-            row = [rel, "ok", "", i % 7, f"class {i % 7}", f"{p:.6f}", i % 7, f"class {i % 7}", f"{p:.6f}"]
-            row += ["gradcam", "layer4", "1.0", 3, 4, "", f"overlays/{rel}.jpg"]
-            if metrics:
-                deletion, insertion, hit, energy = rng.uniform(), rng.uniform(), rng.uniform() < 0.7, rng.uniform()
-                row += [f"{deletion:.6f}", f"{insertion:.6f}", int(hit), f"{energy:.6f}"]
-            writer.writerow(row)
-    run = {"model": "synthetic", "input_roots": [str(src)], "labels": [f"class {k}" for k in range(7)]}
-    (out / "run.json").write_text(json.dumps(run), encoding="utf-8")
-    return out
-
-
 @needs_chromium
 def test_gallery_grows_to_every_row_as_it_scrolls(tmp_path: Path) -> None:
     out = synthetic_out(tmp_path, 300)
@@ -246,33 +186,17 @@ def test_gallery_grows_to_every_row_as_it_scrolls(tmp_path: Path) -> None:
 @pytest.mark.slow
 @needs_chromium
 def test_report_at_10000_rows(tmp_path: Path) -> None:
-    """Measured (printed with -s): building the report with its 20,000 thumbnails, page load, the gallery ready,
-    a filter and a sort over every row."""
+    """10,000 rows: the report builds, the page loads without errors, the gallery renders a page of cards (not
+    every row) and a filter and a sort over every row work. How long each takes: bench/report_scale.py."""
     n = 10_000
     out = synthetic_out(tmp_path, n)
-    t0 = time.perf_counter()
     build_report(out)
-    build_s = time.perf_counter() - t0
-    size_mb = (out / "report.html").stat().st_size / 1e6
     assert CHROMIUM is not None
     with Browser(CHROMIUM, tmp_path / "profile") as br:
-        load_s = open_page(br, out / "report.html")
-        ready_ms = br.evaluate("performance.now()")
+        open_page(br, out / "report.html")
         assert len(card_paths(br)) < 500
-        filter_ms = br.evaluate(
-            "(() => { const t = performance.now(); const e = document.getElementById('f-missed'); e.checked = true;"
-            " e.dispatchEvent(new Event('change')); return performance.now() - t; })()"
-        )
-        sort_ms = br.evaluate(
-            "(() => { const t = performance.now(); const e = document.getElementById('sort');"
-            " e.value = 'm.deletion_auc'; e.dispatchEvent(new Event('change')); return performance.now() - t; })()"
-        )
+        set_control(br, "f-missed", True)
+        set_control(br, "sort", "m.deletion_auc")
         shown = br.evaluate("document.getElementById('count').textContent")
         assert br.console_errors() == []
-    print(
-        f"\n10,000-row report: build {build_s:.1f} s ({os.cpu_count()} CPUs), "
-        f"report.html {size_mb:.1f} MB, load event {load_s:.2f} s, ready at {ready_ms:.0f} ms, "
-        f"filter {filter_ms:.0f} ms, sort {sort_ms:.0f} ms; {shown}"
-    )
     assert f"of {n} matching" not in shown  # the filter applied
-    assert load_s < 10 and filter_ms < 2000 and sort_ms < 2000

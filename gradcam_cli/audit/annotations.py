@@ -68,9 +68,6 @@ class Annotations:
         extension on either side)."""
         return [b for b in (self._lookup(rel) or []) if b.label in (target, ANY_CLASS)]
 
-    def has_boxes(self, rel: str) -> bool:
-        return self._lookup(rel) is not None
-
     def mask_path(self, rel: str) -> Path | None:
         """The mask file of `rel`, if the masks folder has one."""
         if self.masks is None:

@@ -131,7 +131,7 @@ def _num(text: str | None) -> float | None:
         return None
 
 
-def build_report(
+def report(
     out: str | Path,
     truth: str | Truth = "auto",
     title: str | None = None,

@@ -1,15 +1,16 @@
 """The torchvision classification zoo as static data, and which shipped config covers which family.
 
 `gradcam models` must answer instantly, and importing torchvision takes seconds, so the zoo (names, input
-sizes, weights, auto-detected layers) lives in `catalog_table.py`, generated from the installed torchvision
-by `python -m gradcam_cli.model.catalog && ruff format gradcam_cli/model/catalog_table.py` (a few minutes: it builds and
-traces every model) and checked against it by tests/test_catalog.py and tests/test_zoo.py. Nothing here
-imports torch unless `generate` runs.
+sizes, weights, auto-detected layers) lives in `catalog_table.py`, generated from the installed torchvision by
+`python -m gradcam_cli.model.catalog && ruff format gradcam_cli/model/catalog_table.py` (a few minutes: it
+builds and traces every model) and checked against it by tests/test_catalog.py and tests/test_zoo.py. Nothing
+here imports torch unless `generate` runs.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gradcam_cli.model.catalog_table import MODELS, QUANTIZED, TORCHVISION_VERSION
@@ -73,8 +74,9 @@ def installed_torchvision() -> str | None:
         return None
 
 
-def generate() -> str:
-    """The source of `catalog_table.py` for the installed torchvision (builds and traces every model: minutes)."""
+def generate(progress: Callable[[str], None] = lambda line: None) -> str:
+    """The source of `catalog_table.py` for the installed torchvision (builds and traces every model: minutes);
+    `progress` gets a line per model."""
     import warnings
 
     import torch
@@ -94,7 +96,7 @@ def generate() -> str:
         loaded = load_model(Settings(model=name, weights="none"))
         layer = auto_detect_layer(loaded.model, loaded.spec.size)
         lines.append(f"    {name!r}: ({size}, {layer!r}, {weights!r}),")
-        print(f"{name}: {size} {layer}", file=sys.stderr, flush=True)
+        progress(f"{name}: {size} {layer}")
     quantized = sorted(torchvision.models.list_models(module=torchvision.models.quantization))
     version = torchvision.__version__.split("+")[0]
     return (
@@ -112,5 +114,5 @@ if __name__ == "__main__":
     from pathlib import Path
 
     target = Path(__file__).with_name("catalog_table.py")
-    target.write_text(generate(), encoding="utf-8")
+    target.write_text(generate(lambda line: print(line, file=sys.stderr, flush=True)), encoding="utf-8")
     print(f"wrote {target}", file=sys.stderr)

@@ -101,19 +101,15 @@ class LayerInfo:
         return self.layout is not None and self.layout.area > 1
 
 
-def trace_layers(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu") -> list[LayerInfo]:
-    """Run one dummy (1, 3, H, W) forward and record every module's output shape and layout, in module-tree order."""
-    return _trace(model, input_size, device, keep=False)[0]
-
-
 def _trace(
-    model: nn.Module, input_size: tuple[int, int], device: torch.device | str, keep: bool
-) -> tuple[list[LayerInfo], dict[str, Tensor], Tensor | None]:
-    """The one dummy forward behind `trace_layers` and `inspect_layers`.
+    model: nn.Module, input_size: tuple[int, int], device: torch.device | str
+) -> tuple[list[LayerInfo], dict[str, Tensor], Tensor]:
+    """The one dummy forward behind `inspect_layers`: every module's output shape and layout, in module-tree
+    order, from a seeded random (1, 3, H, W) input.
 
-    With `keep`, the forward records a graph from a seeded random input and also returns every spatial
-    output (by module name, the last call's) and the top class's score, so liveness needs no second forward.
-    Kept outputs are cloned on their way on, so in-place ops further on cannot rewrite them.
+    The forward records a graph and also returns every spatial output (by module name, the last call's) and
+    the top class's score, so liveness needs no second forward. Kept outputs are cloned on their way on, so
+    in-place ops further on cannot rewrite them.
     """
     records: dict[str, list] = {}
     kept: dict[str, Tensor] = {}
@@ -127,7 +123,7 @@ def _trace(
             shape = output_shape(output)
             rec = records.setdefault(name, [None, 0, 0])
             rec[0], rec[1], rec[2] = shape, rec[1] + 1, counter[0]
-            if keep and isinstance(output, Tensor) and output.requires_grad:
+            if isinstance(output, Tensor) and output.requires_grad:
                 layout = infer_layout(shape, input_size, hint) if shape is not None else None
                 if layout is not None and layout.area > 1:
                     kept[name] = output
@@ -138,18 +134,13 @@ def _trace(
 
     named = [(n, m) for n, m in model.named_modules() if n]
     was_training = model.training
-    score = None
     try:
         for name, module in named:
             handles.append(module.register_forward_hook(make_hook(name)))
         model.eval()
-        if keep:
-            x = torch.randn(1, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
-            with torch.enable_grad():
-                score = logits_of(model(x.requires_grad_(True))).max(dim=1).values.sum()
-        else:
-            with torch.no_grad():
-                model(torch.zeros(1, 3, *input_size, device=device))
+        x = torch.randn(1, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.enable_grad():
+            score = logits_of(model(x.requires_grad_(True))).max(dim=1).values.sum()
     finally:
         model.train(was_training)
         for h in handles:
@@ -173,15 +164,16 @@ def _is_live(grad: Tensor | None, layout: Layout) -> bool:
 def inspect_layers(
     model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu"
 ) -> tuple[list[LayerInfo], str]:
-    """`trace_layers` and `auto_detect_layer` from a single forward: every module's info and the pick."""
-    infos, kept, score = _trace(model, input_size, device, keep=True)
+    """Every module's output shape, layout and calls (in module-tree order) and the auto-detected layer, from
+    a single dummy forward."""
+    infos, kept, score = _trace(model, input_size, device)
     candidates = sorted((i for i in infos if i.spatial and i.calls == 1), key=lambda i: -i.order)
     if not candidates:
         raise GradcamError(
             "could not find a layer with a spatial output ((B, C, h, w), (B, h, w, C) or tokens) to explain; "
             "pass --layer (see `gradcam layers MODEL`)"
         )
-    if score is not None and score.requires_grad:
+    if score.requires_grad:
         with torch.enable_grad():
             # backward in growing chunks, newest layers first: a CNN stops after its head, a ViT a few blocks in
             start, size = 0, 1
