@@ -29,7 +29,7 @@ import shlex
 import shutil
 import sys
 import urllib.error
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -601,13 +601,13 @@ def relative_links(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def broken_link(path: Path, target: str, elsewhere: Callable[[str], bool]) -> str | None:
+def broken_link(path: Path, target: str) -> str | None:
     """Why a relative link of `path` does not resolve, or None when it does."""
     file_part, _, anchor = target.partition("#")
     dest = (path.parent / file_part).resolve() if file_part else path
     shown = rel(dest) if dest.is_relative_to(REPO) else str(dest)
     if not dest.exists():
-        return None if elsewhere(shown) else f"{target}: {shown} does not exist"
+        return f"{target}: {shown} does not exist"
     if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
         return f"{target}: {shown} has no heading with the anchor #{anchor}"
     return None
