@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from gradcam_cli.audit.metrics import ANNOTATED_METRICS, BY_GATE, GATES_OVER, GATES_UNDER, METRIC_NAMES
-from gradcam_cli.cam.methods import method_names
+from gradcam_cli.cam.methods import BUILT_IN_METHODS, method_names
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.out.names import SAVE_KINDS
 from gradcam_cli.render.colormaps import COLORMAP_NAMES
 
-METHOD_NAMES: tuple[str, ...] = method_names()
+METHOD_NAMES: tuple[str, ...] = BUILT_IN_METHODS  # the --method choices; Settings also accept registered ones
 FUSE_MODES: tuple[str, ...] = ("none", "mean", "max")
 PREPROCESS_MODES: tuple[str, ...] = ("full", "crop")
 AMP_MODES: tuple[str, ...] = ("none", "bf16", "fp16")
@@ -150,6 +150,11 @@ def _v_choice(choices: tuple[str, ...]) -> Callable[[str, Any, str], str]:
         return value.strip().lower()
 
     return check
+
+
+def _v_method(key: str, value: Any, source: str) -> str:
+    """A registered method name (`cam.methods.register` adds to them at run time)."""
+    return _v_choice(method_names())(key, value, source)
 
 
 def _v_targets(key: str, value: Any, source: str) -> tuple[str, ...]:
@@ -345,7 +350,7 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "model": _v_optional_str,
     "weights": _v_optional_str,
     "target_layers": _v_layers,
-    "method": _v_choice(METHOD_NAMES),
+    "method": _v_method,
     "targets": _v_targets,
     "batch_size": _v_positive_int,
     "device": _v_device,

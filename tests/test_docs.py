@@ -40,8 +40,8 @@ from gradcam_cli.errors import GradcamError
 
 README = REPO / "README.md"
 README_LIMIT = 25_000  # bytes: the front page; the rest belongs in docs/
-# Pages the README links to that are written on the package-restructuring branch; a missing one is fine until
-# that branch is merged, after which its links and anchors are checked like any other.
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One thing to run, in page order: a sh command, a python block, or a yaml block written to its file."""

@@ -120,10 +120,11 @@ def ag(model: nn.Module, x: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
 def test_method_names_in_sync_with_config() -> None:
     """config.py (no torch) reads the --method names from the registry; every registered method says when to use
     it and its implementation can be built."""
+    from gradcam_cli.cam.methods import BUILT_IN_METHODS
     from gradcam_cli.cam.methods.base import build_method
     from gradcam_cli.config import METHOD_NAMES
 
-    assert method_names() == METHOD_NAMES
+    assert METHOD_NAMES == BUILT_IN_METHODS == method_names()[: len(BUILT_IN_METHODS)]
     assert all(get_spec(name).when for name in METHOD_NAMES)
     assert all(build_method(name).spec is get_spec(name) for name in METHOD_NAMES)
 

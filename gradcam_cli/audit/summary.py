@@ -15,7 +15,7 @@ from typing import Any
 
 from gradcam_cli import __version__
 from gradcam_cli.audit.gates import Gate, GateResult, check_gates, gates_from, rounded
-from gradcam_cli.audit.metrics import ACCURACY, columns_in
+from gradcam_cli.audit.metrics import ACCURACY, MetricColumn, columns_in
 from gradcam_cli.audit.truth import Truth, resolve_truth
 from gradcam_cli.config import Settings
 from gradcam_cli.errors import ExitCode, GradcamError
@@ -90,44 +90,81 @@ def summarize(
     Accuracy counts `ok` and `skipped` rows (both carry the prediction); `error` rows have none.
     """
     metric_cols = columns_in(header)
-    resolver = LabelResolver(labels) if labels else None
     first: dict[str, Mapping[str, str]] = {}
-    status_counts: Counter[str] = Counter()
     for row in rows:
-        if row.get("path", "") not in first:
-            first[row.get("path", "")] = row
-            status_counts[row.get("status", "")] += 1
-
-    # ground truth: accuracy and the most frequent confusions
-    truth_block: dict[str, Any] = {"source": truth.source}
-    truth_of: dict[str, tuple[str, bool]] = {}  # path -> (truth class name, correct)
-    if truth.known:
-        confusions: Counter[tuple[str, str]] = Counter()
-        for rel, row in first.items():
-            if row.get("status") not in ("ok", "skipped") or row.get("pred_index", "") == "":
-                continue
-            label = truth.label_for(rel)
-            if label is None:
-                continue
-            name, correct = _judge(label, row, resolver, labels)
-            truth_of[rel] = (name, correct)
-            if not correct:
-                confusions[(name, row.get("pred_label", ""))] += 1
-        correct_n = sum(1 for _, ok in truth_of.values() if ok)
-        truth_block.update(
-            images=len(truth_of),
-            correct=correct_n,
-            accuracy=rounded(correct_n / len(truth_of)) if truth_of else None,
-            top_confusions=[
-                {"truth": t, "predicted": p, "count": n}
-                for (t, p), n in sorted(confusions.items(), key=lambda kv: (-kv[1], kv[0]))[:CONFUSIONS]
-            ],
-        )
-
+        first.setdefault(row.get("path", ""), row)
+    status_counts = Counter(row.get("status", "") for row in first.values())
+    truth_block, truth_of = _ground_truth(first, truth, labels)
     ok_rows = [r for r in rows if r.get("status") == "ok"]
     values = {c.name: [(r, v) for r in ok_rows if (v := number(r.get(c.name))) is not None] for c in metric_cols}
+    pointing = values.get("pointing_hit", [])
+    hits = sum(1 for _, v in pointing if v >= 0.5)
+    has_pointing = any(c.name == "pointing_hit" for c in metric_cols)
+    return {
+        "tool": "gradcam-cli",
+        "version": __version__,
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": {k: run.get(k) for k in ("model", "weights", "layers", "method", "targets", "audit")} if run else {},
+        "counts": {
+            "images": len(first),
+            "rows": len(rows),
+            "ok": status_counts.get("ok", 0),
+            "error": status_counts.get("error", 0),
+            "skipped": status_counts.get("skipped", 0),
+        },
+        "ground_truth": truth_block,
+        "metrics": {c.name: _stats([v for _, v in values[c.name]]) for c in metric_cols},
+        "pointing": (
+            {"hits": hits, "annotated": len(pointing), "hit_rate": rounded(hits / len(pointing)) if pointing else None}
+            if has_pointing
+            else None
+        ),
+        "per_class": _per_class(ok_rows, truth_of, metric_cols, truth.known),
+        "worst": _worst(values, metric_cols, worst),
+    }
 
-    # per class: rows grouped by the explained (target) class; truth images grouped by their true class
+
+def _ground_truth(
+    first: Mapping[str, Mapping[str, str]], truth: Truth, labels: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, tuple[str, bool]]]:
+    """summary.json's ground_truth block (accuracy, the most frequent confusions) and, per image path with a
+    prediction and a known truth, (its true class name, whether the prediction is right)."""
+    block: dict[str, Any] = {"source": truth.source}
+    truth_of: dict[str, tuple[str, bool]] = {}
+    if not truth.known:
+        return block, truth_of
+    resolver = LabelResolver(labels) if labels else None
+    confusions: Counter[tuple[str, str]] = Counter()
+    for rel, row in first.items():
+        if row.get("status") not in ("ok", "skipped") or row.get("pred_index", "") == "":
+            continue
+        label = truth.label_for(rel)
+        if label is None:
+            continue
+        name, correct = _judge(label, row, resolver, labels)
+        truth_of[rel] = (name, correct)
+        if not correct:
+            confusions[(name, row.get("pred_label", ""))] += 1
+    correct_n = sum(1 for _, ok in truth_of.values() if ok)
+    block.update(
+        images=len(truth_of),
+        correct=correct_n,
+        accuracy=rounded(correct_n / len(truth_of)) if truth_of else None,
+        top_confusions=[
+            {"truth": t, "predicted": p, "count": n}
+            for (t, p), n in sorted(confusions.items(), key=lambda kv: (-kv[1], kv[0]))[:CONFUSIONS]
+        ],
+    )
+    return block, truth_of
+
+
+def _per_class(
+    ok_rows: Sequence[Mapping[str, str]],
+    truth_of: Mapping[str, tuple[str, bool]],
+    metric_cols: Sequence[MetricColumn],
+    truth_known: bool,
+) -> list[dict[str, Any]]:
+    """One entry per class: `ok` rows grouped by the explained (target) class, truth images by their true class."""
     per_class: dict[str, dict[str, Any]] = {}
 
     def entry(name: str) -> dict[str, Any]:
@@ -152,22 +189,27 @@ def summarize(
         for c in metric_cols:
             out[c.summary_key] = _mean(e[c.name])
             out[f"count_{c.name}"] = len(e[c.name])
-        if truth.known:
+        if truth_known:
             n = e.get("truth_images", 0)
             out["truth_images"] = n
             out["accuracy"] = rounded(e.get("correct", 0) / n) if n else None
         classes.append(out)
+    return classes
 
-    worst_block: dict[str, list[dict[str, Any]]] = {}
+
+def _worst(
+    values: Mapping[str, list[tuple[Mapping[str, str], float]]], metric_cols: Sequence[MetricColumn], worst: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Per ranked metric column, the `worst` rows at its bad end (the pointing game: its misses)."""
+    block: dict[str, list[dict[str, Any]]] = {}
     for c in metric_cols:
         if not c.ranked:
             continue
-        ranked = sorted(
-            values[c.name], key=lambda rv: ((-rv[1] if c.lower_is_better else rv[1]), rv[0].get("path", ""))
-        )
+        sign = -1.0 if c.lower_is_better else 1.0
+        ranked = sorted(values[c.name], key=lambda rv: (sign * rv[1], rv[0].get("path", "")))
         if c.name == "pointing_hit":
             ranked = [rv for rv in ranked if rv[1] == 0]
-        worst_block[c.name] = [
+        block[c.name] = [
             {
                 "path": r.get("path", ""),
                 "target_label": r.get("target_label", ""),
@@ -177,33 +219,7 @@ def summarize(
             }
             for r, v in ranked[:worst]
         ]
-
-    pointing = values.get("pointing_hit", [])
-    hits = sum(1 for _, v in pointing if v >= 0.5)
-    has_pointing = any(c.name == "pointing_hit" for c in metric_cols)
-    summary: dict[str, Any] = {
-        "tool": "gradcam-cli",
-        "version": __version__,
-        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run": {k: run.get(k) for k in ("model", "weights", "layers", "method", "targets", "audit")} if run else {},
-        "counts": {
-            "images": len(first),
-            "rows": len(rows),
-            "ok": status_counts.get("ok", 0),
-            "error": status_counts.get("error", 0),
-            "skipped": status_counts.get("skipped", 0),
-        },
-        "ground_truth": truth_block,
-        "metrics": {c.name: _stats([v for _, v in values[c.name]]) for c in metric_cols},
-        "pointing": (
-            {"hits": hits, "annotated": len(pointing), "hit_rate": rounded(hits / len(pointing)) if pointing else None}
-            if has_pointing
-            else None
-        ),
-        "per_class": classes,
-        "worst": worst_block,
-    }
-    return summary
+    return block
 
 
 def _judge(

@@ -56,12 +56,10 @@ class BatchRenderer:
         files: Files = []
         names = list(result.cams)
         pred_prob, pred_index = result.probs.max(dim=1)
-        target_prob = result.probs.gather(1, result.targets)
-        finite_logits = torch.isfinite(result.logits).all(dim=1)
         # one host copy of the small per-image numbers
         pred_prob_l, pred_index_l = pred_prob.tolist(), pred_index.tolist()
-        target_l, target_prob_l = result.targets.tolist(), target_prob.tolist()
-        finite_l = finite_logits.tolist()
+        target_l, target_prob_l = result.targets.tolist(), result.probs.gather(1, result.targets).tolist()
+        finite_l = torch.isfinite(result.logits).all(dim=1).tolist()
         cam_max_l = {name: cams.amax(dim=(2, 3)).tolist() for name, cams in result.cams.items()}
         finite_cams_l = {name: torch.isfinite(c).flatten(1).all(dim=1).tolist() for name, c in result.cams.items()}
         for i, (index, rel) in enumerate(zip(batch.indices, batch.rels, strict=True)):
@@ -75,50 +73,44 @@ class BatchRenderer:
                 continue
             pred = (pred_index_l[i], label_of(self.labels, pred_index_l[i]), pred_prob_l[i])
             true = None if truth is None else (truth, label_of(self.labels, truth))
-            image_rows = []
+            rows[index] = []
             for name in names:
                 seen: set[int] = set()
                 for t, target in enumerate(target_l[i]):
                     if target in seen:  # `pred` and `topk:K` can name the same class: one map, one row
                         continue
                     seen.add(target)
-                    cam = result.cams[name][i, t]
-                    shown = heatmap(cam, batch.sizes[i], batch.boxes[i])
-                    names_of = self.outputs.for_row(rel, name, target)
-                    heat = shown.pixels.cpu().numpy()
-                    overlay = names_of.overlay if batch.originals[i] is not None else ""
-                    if names_of.heatmap:
-                        files.append((names_of.heatmap, partial(encode_png, heat)))
-                    if overlay:
-                        original = batch.originals[i]
-                        assert original is not None
-                        files.append((overlay, self.overlayer.encoder(original, shown.pixels, heat)))
-                    if names_of.npy:
-                        files.append((names_of.npy, partial(encode_npy, cam.cpu().numpy())))
-                    guided = ""
-                    if name in result.guided:
-                        guided = names_of.guided
-                        picture = render_guided(result.guided[name][i, t], batch.sizes[i], batch.boxes[i])
-                        files.append((guided, partial(encode_png, picture.numpy())))
-                        if names_of.guided_npy:
-                            raw = result.guided[name][i, t].cpu().numpy()
-                            files.append((names_of.guided_npy, partial(encode_npy, raw)))
-                    target_row = (target, label_of(self.labels, target), target_prob_l[i][t])
-                    peak = (shown.peak_x, shown.peak_y)
-                    image_rows.append(
-                        Row.explained(
-                            rel,
-                            self.method,
-                            name,
-                            pred,
-                            target_row,
-                            cam_max_l[name][i][t],
-                            peak,
-                            true,
-                            names_of.heatmap,
-                            overlay,
-                            guided,
-                        )
+                    explained = (target, label_of(self.labels, target), target_prob_l[i][t])
+                    peak, written = self._map(batch, result, i, t, name, target, files)
+                    cam_max = cam_max_l[name][i][t]
+                    rows[index].append(
+                        Row.explained(rel, self.method, name, pred, explained, cam_max, peak, true, *written)
                     )
-            rows[index] = image_rows
         return files
+
+    def _map(
+        self, batch: Batch, result: CamResult, i: int, t: int, name: str, target: int, files: Files
+    ) -> tuple[tuple[int, int], tuple[str, str, str]]:
+        """One map (image i, target slot t, map `name`): its peak (x, y) in original pixels, and the heatmap,
+        overlay and guided picture it gets (their names, "" where none), appended to `files` with the npy."""
+        size, box = batch.sizes[i], batch.boxes[i]
+        cam = result.cams[name][i, t]
+        shown = heatmap(cam, size, box)
+        names_of = self.outputs.for_row(batch.rels[i], name, target)
+        heat = shown.pixels.cpu().numpy()
+        original = batch.originals[i]
+        overlay = names_of.overlay if original is not None else ""
+        if names_of.heatmap:
+            files.append((names_of.heatmap, partial(encode_png, heat)))
+        if overlay and original is not None:
+            files.append((overlay, self.overlayer.encoder(original, shown.pixels, heat)))
+        if names_of.npy:
+            files.append((names_of.npy, partial(encode_npy, cam.cpu().numpy())))
+        guided = ""
+        if name in result.guided:
+            picture = result.guided[name][i, t]
+            guided = names_of.guided
+            files.append((guided, partial(encode_png, render_guided(picture, size, box).numpy())))
+            if names_of.guided_npy:
+                files.append((names_of.guided_npy, partial(encode_npy, picture.cpu().numpy())))
+        return (shown.peak_x, shown.peak_y), (names_of.heatmap, overlay, guided)

@@ -112,6 +112,7 @@ _SPECS: tuple[MethodSpec, ...] = (
         input_grads=True,
     ),
 )
+BUILT_IN_METHODS: tuple[str, ...] = tuple(spec.name for spec in _SPECS)
 _REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
 _CUSTOM: dict[str, Any] = {}
 
