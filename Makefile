@@ -31,7 +31,7 @@ audit: $(VENV)/.demo-installed
 
 test: $(VENV)/.test-installed
 	$(BIN)/ruff check gradcam_cli tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check gradcam_cli tests bench

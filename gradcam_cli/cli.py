@@ -69,6 +69,11 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _switch(name: str, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--NAME/--no-NAME`, None when not given (so a config file's value stands)."""
+    return click.option(f"--{name}/--no-{name}", default=None, help=help)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="gradcam")
 def main() -> None:
@@ -119,21 +124,9 @@ def main() -> None:
     help="With several --layer: one map per layer (none) or one fused map, mean or max of the per-layer maps "
     "normalised and upsampled to the largest layer. [default: none]",
 )
-@click.option(
-    "--counterfactual/--no-counterfactual",
-    default=None,
-    help="Explain the negated score: regions that argue against the class. [default: off]",
-)
-@click.option(
-    "--aug-smooth/--no-aug-smooth",
-    default=None,
-    help="Average the maps over horizontal flips x contrast 0.9/1/1.1 (6 passes). [default: off]",
-)
-@click.option(
-    "--eigen-smooth/--no-eigen-smooth",
-    default=None,
-    help="Replace the channel sum by its first principal component (less noise). [default: off]",
-)
+@_switch("counterfactual", "Explain the negated score: regions that argue against the class. [default: off]")
+@_switch("aug-smooth", "Average the maps over horizontal flips x contrast 0.9/1/1.1 (6 passes). [default: off]")
+@_switch("eigen-smooth", "Replace the channel sum by its first principal component (less noise). [default: off]")
 @click.option(
     "--chunk-size",
     type=int,
@@ -154,11 +147,7 @@ def main() -> None:
 @click.option(
     "--amp", type=click.Choice(AMP_MODES), help="Autocast the forward pass (CAM maths stays float32). [default: none]"
 )
-@click.option(
-    "--channels-last/--no-channels-last",
-    default=None,
-    help="channels_last memory format for model and inputs. [default: on for the CPU, off on CUDA]",
-)
+@_switch("channels-last", "channels_last memory format for model and inputs. [default: on for the CPU, off on CUDA]")
 @click.option(
     "--decode",
     type=click.Choice(DECODE_MODES),
@@ -170,10 +159,9 @@ def main() -> None:
     type=int,
     help="Refuse (error row, nothing decoded) images with more pixels than this. [default: 89478485, Pillow's]",
 )
-@click.option(
-    "--resume/--no-resume",
-    default=None,
-    help="Skip images an earlier run into OUT already explained (ok rows whose files exist). [default: start fresh]",
+@_switch(
+    "resume",
+    "Skip images an earlier run into OUT already explained (ok rows whose files exist). [default: start fresh]",
 )
 @click.option(
     "--metrics",
@@ -189,7 +177,7 @@ def main() -> None:
 )
 @click.option("--boxes", help="Boxes for pointing/energy: CSV path,x0,y0,x1,y1,label, COCO JSON, or a VOC XML folder.")
 @click.option("--masks", help="Folder of binary PNG masks mirroring the input tree (for pointing/energy).")
-@click.option("--summary/--no-summary", default=None, help="Also write summary.json (as `gradcam audit`).")
+@_switch("summary", "Also write summary.json (as `gradcam audit`).")
 @click.option(
     "--truth",
     help="Ground truth (the summary, --target label, the CSV's true_index/true_label/correct): auto, folders, "

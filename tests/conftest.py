@@ -21,6 +21,12 @@ from PIL import Image
 
 WIDTH, HEIGHT = 64, 48
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two test processes share the 2 cores: one intra-op thread each (and in the processes they start), or
+    # OpenMP's spinning threads compete for the cores and small runs slow down many times over
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # relative path (from the INPUT root) -> PIL mode written; note the mixed-case extensions
 IMAGE_FILES: dict[str, str] = {
     "C.JPG": "RGB",

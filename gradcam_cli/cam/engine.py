@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from gradcam_cli.cam.fuse import fuse_maps, fused_name
 from gradcam_cli.cam.methods import check_options
-from gradcam_cli.cam.methods.base import CamMethod, GradientFn, LayerContext, build_method
+from gradcam_cli.cam.methods.base import CamMethod, EngineOptions, GradientFn, LayerContext, build_method
 from gradcam_cli.cam.relu_swap import guided_relus
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.model.forward import autocast, logits_of, split_on_oom
@@ -128,6 +128,7 @@ class CamEngine:
         self.fuse = None if fuse in (None, "none") else fuse
         self.chunk_size = chunk_size
         check_options(self.spec, counterfactual, eigen_smooth, self.fuse, len(self.layers), chunk_size)
+        self.options = EngineOptions(model, self._forward, -1.0 if counterfactual else 1.0, eigen_smooth, chunk_size)
         self._acts: dict[str, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._grad_flags: list[tuple[nn.Parameter, bool]] = []
@@ -431,23 +432,9 @@ class CamEngine:
             if layer_grads:
                 g = layout.to_nchw(layer_grads[li].flatten(0, 1)).reshape(t, b, k, h, w)
                 g = g.transpose(0, 1).reshape(b * t, k, h, w).float()
-            ctx = LayerContext(
-                name=name,
-                activations=a,
-                raw=raw,
-                layout=layout,
-                gradients=g,
-                x=x,
-                logits=logits,
-                targets=targets,
-                sign=-1.0 if self.counterfactual else 1.0,
-                eigen_smooth=self.eigen_smooth,
-                low_precision=self._low_precision,
-                chunk_size=self.chunk_size,
-                model=self.model,
-                forward=self._forward,
-                forward_replacing=partial(self._forward_replacing, name),
-            )
+            replacing = partial(self._forward_replacing, name)
+            low = self._low_precision
+            ctx = LayerContext(name, a, raw, layout, g, x, logits, targets, low, self.options, replacing)
             cams[name] = self.method.layer_maps(ctx).view(b, t, h, w)
         return cams
 

@@ -9,6 +9,7 @@ the host once per batch; each map's pixels leave the device as uint8, and what i
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -26,6 +27,7 @@ from gradcam_cli.render.overlay import Overlayer
 Files = list[tuple[str, Encoder]]
 
 
+@dataclass(frozen=True)
 class BatchRenderer:
     """Turns a batch's `CamResult` into rows and files, the same way for every batch of a run.
 
@@ -33,23 +35,13 @@ class BatchRenderer:
     (`needs_truth`) an unknown one makes the image an error row saying `why_unknown(rel)`.
     """
 
-    def __init__(
-        self,
-        outputs: OutputNames,
-        labels: Sequence[str],
-        method: str,
-        overlayer: Overlayer,
-        truth: Callable[[str], int | None],
-        why_unknown: Callable[[str], str],
-        needs_truth: bool,
-    ) -> None:
-        self.outputs = outputs
-        self.labels = labels
-        self.method = method
-        self.overlayer = overlayer
-        self.truth = truth
-        self.why_unknown = why_unknown
-        self.needs_truth = needs_truth
+    outputs: OutputNames
+    labels: Sequence[str]
+    method: str
+    overlayer: Overlayer
+    truth: Callable[[str], int | None]
+    why_unknown: Callable[[str], str]
+    needs_truth: bool
 
     def render(self, batch: Batch, result: CamResult, rows: dict[int, list[Row]]) -> Files:
         """Fill `rows` (by the batch's image index) and return the files to write, in row order."""

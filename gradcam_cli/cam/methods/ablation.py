@@ -48,9 +48,8 @@ class AblationCam(CamMethod):
         b, k = ctx.activations.shape[:2]
         t = ctx.targets.shape[1]
         base, ablated = self.scores(ctx)
-        return ablationcam(
-            ctx.repeated, ctx.sign * base.flatten(), ctx.sign * ablated.reshape(b * t, k), ctx.eigen_smooth
-        )
+        sign, smooth = ctx.options.sign, ctx.options.eigen_smooth
+        return ablationcam(ctx.repeated, sign * base.flatten(), sign * ablated.reshape(b * t, k), smooth)
 
     def scores(self, ctx: LayerContext) -> tuple[Tensor, Tensor]:
         """(B, T) target scores and (B, T, K) scores with each channel of the layer set to zero.
@@ -65,8 +64,8 @@ class AblationCam(CamMethod):
         base = torch.empty(b, t, device=raw.device)
         ablated = torch.empty(b, k, t, device=raw.device)
         for i in range(b):
-            for start in range(0, k + 1, ctx.chunk_size):
-                rows = torch.arange(start, min(start + ctx.chunk_size, k + 1), device=raw.device)
+            for start in range(0, k + 1, ctx.options.chunk_size):
+                rows = torch.arange(start, min(start + ctx.options.chunk_size, k + 1), device=raw.device)
                 batch = raw[i : i + 1].expand(len(rows), *raw.shape[1:]).clone()
                 ablate = rows > 0
                 zero_channels(batch, layout, ablate.nonzero()[:, 0], rows[ablate] - 1)

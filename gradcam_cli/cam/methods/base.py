@@ -26,13 +26,25 @@ GradientFn = Callable[..., Tensor]  # fn(A, G, eigen_smooth=False) -> (N, h, w)
 
 
 @dataclass(frozen=True)
+class EngineOptions:
+    """What an engine's methods share for every batch: the model, `forward(x)` (its logits on another input,
+    the hooks passing everything through), the score's sign (-1 with --counterfactual), --eigen-smooth, and
+    `chunk_size`, the rows per forward of the methods' own passes."""
+
+    model: nn.Module
+    forward: Callable[[Tensor], Tensor]
+    sign: float
+    eigen_smooth: bool
+    chunk_size: int
+
+
+@dataclass(frozen=True)
 class LayerContext:
     """One target layer of one batch: B images, T target slots, K channels, an (h, w) map.
 
     `activations` is the (B, K, h, w) view of what the layer gave, `raw` the tensor as hooked (its own
     layout: tokens or channels-last, see `layout`), `gradients` (B*T, K, h, w) when the method asked for
-    layer gradients. `forward(x)` runs the model on another input with the hooks passing everything through;
-    `forward_replacing(x, output)` runs it with this layer's output replaced by `output`.
+    layer gradients. `forward_replacing(x, output)` runs the model with this layer's output replaced.
     """
 
     name: str
@@ -43,12 +55,8 @@ class LayerContext:
     x: Tensor  # (B, 3, H, W)
     logits: Tensor  # (B, C), float32
     targets: Tensor  # (B, T)
-    sign: float
-    eigen_smooth: bool
     low_precision: bool  # logits came from autocast (--amp)
-    chunk_size: int
-    model: nn.Module
-    forward: Callable[[Tensor], Tensor]
+    options: EngineOptions
     forward_replacing: Callable[[Tensor, Tensor], Tensor]
 
     @property
@@ -90,7 +98,7 @@ class GradientMethod(CamMethod):
 
     def layer_maps(self, ctx: LayerContext) -> Tensor:
         assert ctx.gradients is not None
-        if ctx.eigen_smooth:
+        if ctx.options.eigen_smooth:
             return self.fn(ctx.repeated, ctx.gradients, eigen_smooth=True)
         return self.fn(ctx.repeated, ctx.gradients)
 

@@ -24,12 +24,12 @@ def cam(activations: Tensor, class_weights: Tensor, eigen_smooth: bool = False) 
 class Cam(CamMethod):
     def layer_maps(self, ctx: LayerContext) -> Tensor:
         weight = final_linear(ctx)
-        return cam(ctx.repeated, ctx.sign * weight[ctx.targets.flatten()].float(), ctx.eigen_smooth)
+        return cam(ctx.repeated, ctx.options.sign * weight[ctx.targets.flatten()].float(), ctx.options.eigen_smooth)
 
 
 def final_linear(ctx: LayerContext) -> Tensor:
     """The weight (C, K) of the model's last Linear layer, after checking logits == W mean_ij(A) + b."""
-    linears = [m for m in ctx.model.modules() if isinstance(m, nn.Linear)]
+    linears = [m for m in ctx.options.model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise GradcamError(f"method 'cam' needs a model ending in global average pooling + a Linear layer; {HINT}")
     fc = linears[-1]

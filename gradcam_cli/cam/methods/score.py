@@ -40,11 +40,11 @@ def masked_scores(ctx: LayerContext) -> Tensor:
     flat = a.reshape(b * k, *a.shape[2:])
     scores = torch.empty(b * k, t, device=a.device)
     size = (x.shape[-2], x.shape[-1])
-    for start in range(0, b * k, ctx.chunk_size):
-        rows = torch.arange(start, min(start + ctx.chunk_size, b * k), device=a.device)
+    for start in range(0, b * k, ctx.options.chunk_size):
+        rows = torch.arange(start, min(start + ctx.options.chunk_size, b * k), device=a.device)
         image = rows // k
         masks = normalized_masks(flat[rows], size).to(x.dtype)
-        scores[rows] = ctx.forward(x[image] * masks[:, None]).float().gather(1, targets[image])
+        scores[rows] = ctx.options.forward(x[image] * masks[:, None]).float().gather(1, targets[image])
     return scores.view(b, k, t).transpose(1, 2)
 
 
@@ -52,4 +52,4 @@ class ScoreCam(CamMethod):
     def layer_maps(self, ctx: LayerContext) -> Tensor:
         b, k = ctx.activations.shape[:2]
         scores = masked_scores(ctx).reshape(b * ctx.targets.shape[1], k)
-        return scorecam(ctx.repeated, ctx.sign * scores, ctx.eigen_smooth)
+        return scorecam(ctx.repeated, ctx.options.sign * scores, ctx.options.eigen_smooth)
