@@ -68,7 +68,6 @@ class Evaluator:
         self.columns = metric_columns(self.metrics)
         self.chunk = settings.metric_batch_size or 4 * settings.batch_size
         self.stage_seconds = {"select": 0.0, "metrics": 0.0} if settings.only_below else {"metrics": 0.0}
-        self.skipped = 0
 
     @staticmethod
     def create(settings: Settings, loaded: LoadedModel, rels: Sequence[str], device: torch.device) -> Evaluator | None:
@@ -123,7 +122,6 @@ class Evaluator:
                 reason = f"top-1 probability {top_p_l[pos]:.4f} >= --only-below {threshold:g}"
                 pred = (top_i_l[pos], label_of(self.labels, top_i_l[pos]), top_p_l[pos])
                 rows[index] = [Row.skipped(rel, reason, pred, self.settings.method)]
-                self.skipped += 1
         self.stage_seconds["select"] += time.perf_counter() - t0
         return subset_batch(batch, [pos for pos, k in enumerate(keep) if k])
 

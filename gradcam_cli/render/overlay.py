@@ -17,9 +17,8 @@ from PIL import Image
 from torch import Tensor
 
 from gradcam_cli.errors import one_line
+from gradcam_cli.out.writer import Encoder
 from gradcam_cli.render.encode import JPEG_QUALITY, encode_jpeg
-
-Encoder = partial[bytes]
 
 
 def blend(original: Tensor, heat: Tensor, lut: Tensor, alpha: float) -> Tensor:

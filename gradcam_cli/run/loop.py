@@ -38,14 +38,13 @@ class BatchLoop:
         self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
         self.overlayer = Overlayer(lut(s.colormap), device, s.alpha)
-        truth = plan.truth
         self.renderer = BatchRenderer(
             plan.outputs,
             plan.model.labels,
             s.method,
             self.overlayer,
             plan.true_class,
-            lambda rel: "" if truth is None else truth.why.get(rel, ""),
+            plan.why_unknown,
             plan.selector.uses_label,
         )
         keep_original = "overlay" in s.save

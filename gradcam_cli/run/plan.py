@@ -70,6 +70,10 @@ class RunPlan:
     def true_class(self, rel: str) -> int | None:
         return None if self.truth is None else self.truth.index.get(rel)
 
+    def why_unknown(self, rel: str) -> str:
+        """Why image `rel` has no true class (for its error row under `--target label`)."""
+        return "" if self.truth is None else self.truth.why.get(rel, "")
+
     def targets_for(self, rels: Sequence[str]) -> Callable[[Tensor], Tensor]:
         """The target classes of a batch of these images from its logits: `label` slots need their truth."""
         if self.truth is None or not self.selector.uses_label:
