@@ -2,7 +2,7 @@
 out-of-memory batch splitting with a real allocator limit.
 
 These need a CUDA device and are skipped without one (CI has none); tests/test_gpu_paths.py and
-tests/test_devicedecode.py exercise the same code on the CPU. README "Speed" says where and when these ran.
+tests/test_devicedecode.py exercise the same code on the CPU. docs/speed.md says where and when these ran.
 """
 
 from __future__ import annotations
