@@ -347,7 +347,7 @@ class CamEngine:
         """
         b, c = logits.shape
         t = targets.shape[1]
-        sign = -1.0 if self.counterfactual else 1.0
+        sign = self.options.sign
         seeds = torch.zeros(t, b, c, dtype=logits.dtype, device=logits.device)
         seeds.scatter_(2, targets.t().unsqueeze(-1).to(logits.device), sign)
         grads: Sequence[Tensor | None] | None = None

@@ -33,9 +33,10 @@ def fold_rank_csvs(out: Path, order: Callable[[], Sequence[str]], keep: bool, co
     (`keep`; `order()` gives the input order), else removed as stale. Returns how many there were."""
     found = rank_csvs(out)
     if found and keep:
-        merge_csvs(out, order(), columns)
-    for path in found:
-        path.unlink(missing_ok=True)
+        merge_csvs(out, order(), columns)  # removes them once merged
+    else:
+        for path in found:
+            path.unlink(missing_ok=True)
     return len(found)
 
 

@@ -19,7 +19,7 @@ from gradcam_cli.errors import GradcamError
 from gradcam_cli.out import names
 from gradcam_cli.out.files import atomic_write
 from gradcam_cli.out.names import OutputNames
-from gradcam_cli.out.table import BASE_COLUMNS, Row, csv_bytes, csv_text, read_header, read_records
+from gradcam_cli.out.table import BASE_COLUMNS, Row, csv_bytes, csv_text, iter_rows, read_header, read_records
 
 # run.json keys that must match for the old rows to be what this run would write
 RESUME_KEYS: tuple[str, ...] = (
@@ -133,6 +133,5 @@ def restore_input_order(csv_path: Path, order: Sequence[str], columns: Sequence[
     rows keep their order.
     """
     position = {path: i for i, path in enumerate(order)}
-    _, records = read_records(csv_path, columns)
-    records.sort(key=lambda record: position.get(record["path"], len(position)))
-    atomic_write(csv_path, csv_bytes(([r[c] for c in columns] for r in records), columns, header=True))
+    rows = sorted(iter_rows(csv_path, columns), key=lambda row: position.get(row[0], len(position)))  # 0: path
+    atomic_write(csv_path, csv_bytes(rows, columns, header=True))

@@ -152,21 +152,22 @@ class TorchrunCoordinator:
         self.world.agree(None)
 
     def prepare(self, plan: RunPlan, manifest: Manifest, log: LogFn) -> Share:
-        resumed: list[int] = [0]
+        resumed = 0
 
         def prepare_out() -> list[int] | None:
+            nonlocal resumed
             done, kept = _prepare_out(plan, manifest, log)
             manifest.update(distributed=self.world.describe())
             plan.folder.start_predictions(kept, plan.columns)  # the rows merged so far
             manifest.write()
-            resumed[0] = len(done)
+            resumed = len(done)
             return [i for i, f in enumerate(plan.files) if f.rel not in done] if done else None
 
         left = self.world.from_rank0("todo", prepare_out)
         plan.folder.path.mkdir(parents=True, exist_ok=True)
         files = plan.files if left is None else [plan.files[i] for i in left]
         share = self.world.shard(files, plan.settings.batch_size)
-        return Share(tuple(share), names.rank_csv(self.world.rank), (), resumed[0])
+        return Share(tuple(share), names.rank_csv(self.world.rank), (), resumed)
 
     def _report(self, plan: RunPlan, share: Share, tally: Tally, status: str) -> dict[str, Any]:
         """This rank's results for rank 0."""
