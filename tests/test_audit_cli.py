@@ -273,7 +273,11 @@ def test_truth_from_labels_csv_and_from_a_file(world: dict[str, Path], audited: 
     assert (gt["source"], gt["images"], gt["correct"]) == (str(labels), 3, 2)
     assert gt["top_confusions"] == [{"truth": "bird", "predicted": "dog", "count": 1}]
     none = invoke("audit", out, "--truth", "none")
-    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["ground_truth"] == {"source": None}
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["ground_truth"] == {
+        "source": None,
+        "images": 0,
+        "reason": "--truth none",
+    }
     assert none.exit_code == 0
     invoke("audit", out)  # leave the shared folder as the fixture made it
 

@@ -23,6 +23,7 @@ from gradcam_cli.model.catalog import FAMILY_CONFIGS, MODELS, QUANTIZED, TORCHVI
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUIET = {"googlenet": {"init_weights": True}, "inception_v3": {"init_weights": True}}
 
 
 # --- the table against torchvision ------------------------------------------------------------------------------
@@ -76,6 +77,52 @@ def test_family_config_is_valid_and_explains_its_layer(config: str) -> None:
     at = next(i for i, line in enumerate(lines) if line.startswith("target_layers:"))
     assert lines[at - 1].startswith("#"), f"{config}: say why this layer in a comment right above it"
     assert len([ln for ln in lines[:at] if ln.startswith("#")]) >= 2
+
+
+# families whose last map comes out of an activation module (ReLU, ReLU6, Hardswish, SiLU, or a pool or concat of
+# them): their configs must target a map after it. Transformers (vit, swin, maxvit) and ConvNeXt have no
+# activation after their last block; DenseNet applies its final ReLU as a function (its config says so).
+POST_ACTIVATION = [
+    "alexnet.yaml",
+    "efficientnet.yaml",
+    "googlenet.yaml",
+    "inception_v3.yaml",
+    "mnasnet.yaml",
+    "mobilenet.yaml",
+    "regnet.yaml",
+    "resnet.yaml",
+    "resnext.yaml",
+    "shufflenet_v2.yaml",
+    "squeezenet.yaml",
+    "vgg.yaml",
+]
+
+
+@pytest.mark.parametrize("config", POST_ACTIVATION)
+def test_family_config_targets_a_post_activation_map(config: str) -> None:
+    """A careful user's layer: the rectified map the head reads, not a batch norm before its activation."""
+    import torch
+
+    from gradcam_cli.model.layers import resolve_target
+
+    settings = load_settings(CONFIGS / config)
+    assert settings.model is not None
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(settings.model, weights=None, **QUIET.get(settings.model, {})).eval()
+    _, module = resolve_target(model, settings.target_layers[0])
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 160, 160) * 2)
+    handle.remove()
+    # ReLU-family maps are >= 0; SiLU's minimum is -0.278 and Hardswish's -0.375 (EfficientNet, MobileNetV3). A batch
+    # norm before the activation goes far below that on the same input.
+    assert seen and float(seen[0].min()) >= -0.375, (config, settings.target_layers, float(seen[0].min()))
+
+
+def test_densenet_config_says_why_its_map_is_before_the_relu() -> None:
+    text = (CONFIGS / "densenet.yaml").read_text(encoding="utf-8")
+    assert "ReLU" in text and "function" in text
 
 
 def test_flag_model_wins_over_the_family_config(tmp_path: Path, make_image: Callable[..., Path]) -> None:

@@ -6,10 +6,10 @@ right half. Exceptions, by design and asserted as such: eigencam is class-agnost
 guided backprop is not class-discriminative (its two maps are nearly the same picture, the known weakness
 that Guided Grad-CAM fixes by multiplying with Grad-CAM).
 
-Layer: `_avg_pooling:input`, the map global average pooling receives (after the head's ReLU6), i.e. the
-post-activation map that CAM needs and that methods assuming non-negative activations (xgradcam normalises by
-sum(A)) are defined on. The config's `_bn1` is the batch norm before that ReLU6: Grad-CAM is fine there
-(test_real_model.py) but XGrad-CAM's normalisation by a near-zero or negative sum(A) flips its maps.
+Layer: the demo config's, `_avg_pooling:input`, the map global average pooling receives (after the head's
+ReLU6), i.e. the post-activation map that CAM needs and that methods assuming non-negative activations (xgradcam
+normalises by sum(A)) are defined on. At `_bn1`, the batch norm before that ReLU6, XGrad-CAM's normalisation by
+a near-zero or negative sum(A) flips the cat's map onto the cup (asserted below, as the reason for the layer).
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ import torch  # noqa: E402
 
 from gradcam_cli import explain, load_settings  # noqa: E402
 from gradcam_cli.cam.engine import CamEngine  # noqa: E402
+from gradcam_cli.cam.methods import BUILT_IN_METHODS, get_spec  # noqa: E402
 from gradcam_cli.data.decode import model_input  # noqa: E402
 from gradcam_cli.model.loading import LoadedModel, load_model  # noqa: E402
 from gradcam_cli.render.heatmap import upsample_normalize  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "efficientnet_lite0.yaml"
-POOLED = "_avg_pooling:input"
+POOLED = load_settings(CONFIG).target_layers[0]  # the layer the demo explains
+# every method that weighs the layer's channels by gradients, i.e. what the choice of layer is about
+GRADIENT_METHODS = [m for m in BUILT_IN_METHODS if get_spec(m).layer_grads and get_spec(m).class_specific]
 HALF = 300  # the cat fills x < 300, the cup x >= 300
 CAT, ESPRESSO = 285, 967  # 'Egyptian cat', 'espresso'
 
@@ -85,9 +88,20 @@ def assert_discriminates(maps: torch.Tensor, method: str) -> None:
     assert cat_l > cat_r and cup_r > cup_l, (method, cat_l, cat_r, cup_l, cup_r)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigengradcam", "cam"])
+def test_the_demo_config_explains_the_post_activation_map() -> None:
+    assert POOLED == "_avg_pooling:input"
+    assert {"gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigengradcam"} <= set(GRADIENT_METHODS)
+
+
+@pytest.mark.parametrize("method", [*GRADIENT_METHODS, "cam"])
 def test_method_discriminates_cat_and_cup(method: str, lite: tuple[LoadedModel, torch.Tensor]) -> None:
     assert_discriminates(maps_for(lite, method, POOLED), method)
+
+
+def test_xgradcam_before_the_activation_puts_the_cat_on_the_cup(lite: tuple[LoadedModel, torch.Tensor]) -> None:
+    """Why the config does not target `_bn1`: its activations are signed, and XGrad-CAM divides by their sum."""
+    cat, _ = maps_for(lite, "xgradcam", "_bn1")
+    assert int(cat.flatten().argmax()) % (2 * HALF) >= HALF
 
 
 def test_guided_gradcam_discriminates_through_the_pipeline(side_by_side: Path, tmp_path: Path) -> None:

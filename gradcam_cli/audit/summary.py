@@ -132,19 +132,31 @@ def _ground_truth(
     block: dict[str, Any] = {"source": truth.source}
     truth_of: dict[str, tuple[str, bool]] = {}
     if not truth.known:
+        block.update(images=0, reason=truth.reason or "no ground truth")
         return block, truth_of
     resolver = LabelResolver(labels) if labels else None
     confusions: Counter[tuple[str, str]] = Counter()
+    unmatched: Counter[str] = Counter()
+    unlabelled = 0
     for rel, row in first.items():
         if row.get("status") not in ("ok", "skipped") or row.get("pred_index", "") == "":
             continue
         label = truth.label_for(rel)
         if label is None:
+            unlabelled += 1
             continue
-        name, correct = _judge(label, row, resolver, labels)
+        judged = _judge(label, row, resolver, labels)
+        if judged is None:  # a label that names no class of this model: only this image is without truth
+            unmatched[label] += 1
+            continue
+        name, correct = judged
         truth_of[rel] = (name, correct)
         if not correct:
             confusions[(name, row.get("pred_label", ""))] += 1
+    if unlabelled:
+        block["without_label"] = unlabelled
+    if unmatched:
+        block["unmatched"] = {"images": sum(unmatched.values()), "labels": sorted(unmatched)[:CONFUSIONS]}
     correct_n = sum(1 for _, ok in truth_of.values() if ok)
     block.update(
         images=len(truth_of),
@@ -224,15 +236,18 @@ def _worst(
 
 def _judge(
     label: str, row: Mapping[str, str], resolver: LabelResolver | None, labels: Sequence[str]
-) -> tuple[str, bool]:
-    """(truth class name, prediction correct?) for a label that is a class name or index."""
-    index = resolver.resolve_optional(label) if resolver is not None else None
-    if index is not None and index >= 0:
-        name = labels[index] if index < len(labels) else str(index)
-        return name, str(index) == row.get("pred_index", "")
-    norm = normalized_label(label)
-    pred = normalized_label(row.get("pred_label", ""))
-    return label, norm == pred or label == row.get("pred_index", "")
+) -> tuple[str, bool] | None:
+    """(truth class name, prediction correct?) for a label that is a class name, index, WordNet id or lemma list;
+    None when the model has class names and the label is none of them. A model without class names is judged
+    by the label's text against the predicted label or index."""
+    if resolver is None:
+        norm = normalized_label(label)
+        return label, norm == normalized_label(row.get("pred_label", "")) or label == row.get("pred_index", "")
+    index = resolver.resolve_optional(label)
+    if index is None or index < 0:
+        return None
+    name = labels[index] if index < len(labels) else str(index)
+    return name, str(index) == row.get("pred_index", "")
 
 
 def audit(

@@ -1,9 +1,10 @@
 """Ground truth: each image's true class, for `--target label`, the CSV's true_* columns and the summary.
 
 `truth` is `auto` (default: a `labels.csv` of `path,label`, paths relative to that folder, found in an input
-folder; else the images' parent-folder names when every image sits in a folder named after one of the
-model's classes, the ImageFolder layout), `folders` (the folder names, always), `none`, or a CSV file of
-`path,label`. A label is a class name or index. No torch here: `gradcam audit` reads it too.
+folder; else the images' parent-folder names when at least half of those folders name one of the model's
+classes, the ImageFolder layout), `folders` (the folder names, always), `none`, or a CSV file of
+`path,label`. A label is a class name, index, WordNet id or lemma list (see `model.labels.LabelResolver`);
+a label that names no class leaves only its own image without truth. No torch here: `gradcam audit` reads it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from gradcam_cli.model.labels import LabelResolver
 
 @dataclass
 class Truth:
-    """Ground-truth labels by image path; `source` says where they came from (None: not known)."""
+    """Ground-truth labels by image path; `source` says where they came from (None: not known, and `reason` why)."""
 
     source: str | None = None
     by_path: dict[str, str] = field(default_factory=dict)
     folders: bool = False
+    reason: str = ""
 
     @property
     def known(self) -> bool:
@@ -65,7 +67,7 @@ def read_truth_csv(path: Path) -> dict[str, str]:
 def resolve_truth(spec: str, input_roots: Sequence[str], labels: Sequence[str], rels: Iterable[str] = ()) -> Truth:
     """`truth` setting -> Truth. See the module docstring for `auto`; `rels` are the image paths (for `auto`)."""
     if spec == "none":
-        return Truth()
+        return Truth(reason="--truth none")
     if spec == "folders":
         return Truth(source="folders", folders=True)
     if spec != "auto":
@@ -77,12 +79,37 @@ def resolve_truth(spec: str, input_roots: Sequence[str], labels: Sequence[str], 
         candidate = Path(root) / "labels.csv"
         if Path(root).is_dir() and candidate.is_file():
             return Truth(source=str(candidate), by_path=read_truth_csv(candidate))
-    parents = {posixpath.basename(posixpath.dirname(rel)) for rel in rels}
-    if parents and "" not in parents and labels:
-        resolver = LabelResolver(labels)
-        if all(resolver.resolve_optional(name) is not None and not name.isdigit() for name in parents):
-            return Truth(source="folders", folders=True)
-    return Truth()
+    return _folder_truth(list(rels), labels, input_roots)
+
+
+def _folder_truth(rels: Sequence[str], labels: Sequence[str], input_roots: Sequence[str]) -> Truth:
+    """`auto` without a labels.csv: the parent-folder names, when at least half of those folders name a class.
+
+    Half, not all: one folder that is no class (a stray `misc/`, a spelling this model does not use) must not
+    take the truth of every other image away; its images alone stay without truth (and say why).
+    """
+    where = ", ".join(str(r) for r in input_roots) or "the inputs"
+    if not rels:
+        return Truth(reason="no images")
+    parents = sorted({posixpath.basename(posixpath.dirname(rel)) for rel in rels})
+    if parents == [""]:
+        return Truth(reason=f"no labels.csv in {where} and the images are not in class-named folders")
+    if not labels:
+        return Truth(reason="the model has no class names to match folder names against (config key 'labels')")
+    resolver = LabelResolver(labels)
+    named = [p for p in parents if p and not p.isdigit() and resolver.find(p) is not None]
+    if named and 2 * len(named) >= len(parents):
+        return Truth(source="folders", folders=True)
+    kinds = "a class name or WordNet id" if resolver.knows_wordnet else "a class name"
+    shown = ", ".join(repr(p) for p in parents[:3]) + (", ..." if len(parents) > 3 else "")
+    if not named:
+        reason = f"no labels.csv in {where}; {len(parents)} folder(s) ({shown}), none is {kinds} of this model"
+    else:
+        reason = (
+            f"no labels.csv in {where}; only {len(named)} of {len(parents)} folders ({shown}) are {kinds} of this "
+            "model (--truth folders uses them anyway)"
+        )
+    return Truth(reason=reason)
 
 
 @dataclass(frozen=True)
@@ -124,6 +151,8 @@ def image_truth(
     if not truth.known and needs_truth:
         truth = resolve_truth("folders", roots, labels, rels)
     if not truth.known:
+        if truth_setting == "auto":
+            log(f"no ground truth (true_index, true_label, correct stay empty): {truth.reason}")
         return None
     resolver = LabelResolver(labels)
     index: dict[str, int | None] = {}
