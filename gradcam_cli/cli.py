@@ -81,7 +81,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=str))
 @click.option(
     "-o",
     "--out",
@@ -196,6 +196,11 @@ def main() -> None:
 )
 @click.option("--sample-rate", help="Explain a deterministic sample (by hash of the path) of this fraction, e.g. 0.1.")
 @click.option(
+    "--files-from",
+    help="Also explain the files listed in this file, one path per line (relative to the list's folder, or "
+    "absolute; `-` reads standard input, relative to the current folder). Missing files become error rows.",
+)
+@click.option(
     "--dist-timeout",
     type=float,
     help="Under torchrun: seconds a rank waits for a peer that shows no sign of life. [default: 120]",
@@ -203,7 +208,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar or messages.")
 @_guarded
 def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any) -> None:
-    """Explain every image in INPUTS (files or folders, walked recursively) into OUT.
+    """Explain every image in INPUTS (files or folders, walked recursively) and in --files-from into OUT.
 
     Writes heatmaps/, overlays/ (and npy/ when asked; guided/ for the guided methods), predictions.csv and
     run.json (and summary.json with --summary or a gate). Exit codes: 0 all images explained, 1 some images

@@ -79,6 +79,7 @@ class Settings:
     fail_over: tuple[tuple[str, float], ...] = ()
     only_below: float | None = None
     sample_rate: float | None = None
+    files_from: str | None = None
     dist_timeout: float = 120.0
     # method options
     counterfactual: bool = False
@@ -386,6 +387,7 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "fail_over": _v_gates(GATES_OVER),
     "only_below": _v_fraction,
     "sample_rate": _v_fraction,
+    "files_from": _v_optional_str,
     "dist_timeout": _v_positive_number,
     "counterfactual": _v_bool,
     "aug_smooth": _v_bool,
@@ -438,11 +440,37 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise GradcamError(f"config {p}: expected a mapping of keys to values at the top level")
     clean = _validate_all(data, source="config")
     # a relative path in a config means relative to the config file, which is how people write configs
-    for key in ("labels", "boxes", "masks", "truth"):
+    for key in ("labels", "boxes", "masks", "truth", "files_from", "weights"):
         value = clean.get(key)
-        if value and not (key == "truth" and value in ("auto", "folders", "none")) and not Path(value).is_absolute():
+        if value and _is_relative_path(key, value, p.parent):
             clean[key] = str(p.parent / value)
     return clean
+
+
+# checkpoint file endings: a `weights` value with one is a path even when the file is missing (so the error names it)
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
+
+
+def _is_relative_path(key: str, value: str, folder: Path) -> bool:
+    """Whether a config value is a relative file path (to be read relative to the config's folder).
+
+    `truth` may be a keyword, `files_from` may be `-` (standard input), and `weights` may name weights rather
+    than a file (`DEFAULT`, `none`, `IMAGENET1K_V2`): those count as paths only when they look like one or
+    name a file next to the config.
+    """
+    if Path(value).is_absolute():
+        return False
+    if key == "truth":
+        return value not in ("auto", "folders", "none")
+    if key == "files_from":
+        return value != "-"
+    if key == "weights":
+        return (
+            any(sep in value for sep in "/\\")
+            or value.lower().endswith(CHECKPOINT_SUFFIXES)
+            or (folder / value).is_file()
+        )
+    return True
 
 
 def check_audit_settings(settings: Settings) -> None:

@@ -94,7 +94,7 @@ def test_prefixed_and_nested_checkpoints_load_and_say_so(
     text = " | ".join(loaded.notes)
     for phrase in says:
         assert phrase in text, (phrase, loaded.notes)
-    assert all(note.startswith("--weights ") for note in loaded.notes)
+    assert all(note.startswith("weights ") for note in loaded.notes)
     if any("prefix" in s for s in says):
         assert f"from {len(trained.state_dict())} keys" in text
 
@@ -126,7 +126,7 @@ def test_wrong_keys_list_a_few_of_each(trained: nn.Module, tmp_path: Path) -> No
     state["extra.scale"] = torch.ones(1)
     with pytest.raises(GradcamError) as exc:
         load(save(state, tmp_path / "renamed.pt"))
-    message = one_line(exc, prefix="--weights ")
+    message = one_line(exc, prefix="weights ")
     assert "keys do not match the model" in message
     assert "2 missing (e.g. fc.bias, fc.weight)" in message
     assert "3 unexpected (e.g. extra.scale, head.bias, head.weight)" in message
@@ -136,7 +136,7 @@ def test_many_wrong_keys_are_cut_short(tmp_path: Path) -> None:
     other = torchvision.models.mobilenet_v2(weights=None).state_dict()
     with pytest.raises(GradcamError) as exc:
         load(save(other, tmp_path / "other.pt"))
-    message = one_line(exc, prefix="--weights ")
+    message = one_line(exc, prefix="weights ")
     assert "missing (e.g." in message and "unexpected (e.g." in message and ", ...)" in message
     assert len(message) < 400
 
@@ -153,7 +153,7 @@ def test_fine_tuned_head_suggests_num_classes_and_then_loads(tmp_path: Path) -> 
     ckpt = save({"state_dict": tuned.state_dict()}, tmp_path / "tuned.pt")
     with pytest.raises(GradcamError) as exc:
         load(ckpt)
-    message = one_line(exc, prefix="--weights ")
+    message = one_line(exc, prefix="weights ")
     assert "fc.weight (checkpoint 10x1024, model 1000x1024)" in message
     assert "set num_classes: 10" in message
 
@@ -167,7 +167,7 @@ def test_fine_tuned_head_suggests_num_classes_and_then_loads(tmp_path: Path) -> 
 def test_whole_pickled_module_is_rejected_by_weights_only(trained: nn.Module, tmp_path: Path) -> None:
     with pytest.raises(GradcamError) as exc:
         load(save(trained, tmp_path / "whole_model.pt"))
-    message = one_line(exc, prefix="--weights ")
+    message = one_line(exc, prefix="weights ")
     assert "weights_only=True" in message and "state_dict()" in message
 
 
@@ -188,7 +188,7 @@ def test_arbitrary_pickle_is_rejected_before_it_runs(tmp_path: Path) -> None:
         pickle.dump({"state_dict": Payload(marker)}, fh, protocol=2)
     with pytest.raises(GradcamError) as exc:
         load(ckpt)
-    assert "weights_only=True" in one_line(exc, prefix="--weights ")
+    assert "weights_only=True" in one_line(exc, prefix="weights ")
     assert not marker.exists()
 
 
@@ -204,7 +204,7 @@ def test_arbitrary_pickle_is_rejected_before_it_runs(tmp_path: Path) -> None:
 def test_non_state_dicts_are_refused(tmp_path: Path, obj: Any, expected: str) -> None:
     with pytest.raises(GradcamError) as exc:
         load(save(obj, tmp_path / "thing.pt"))
-    assert expected in one_line(exc, prefix="--weights ")
+    assert expected in one_line(exc, prefix="weights ")
 
 
 def test_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
@@ -212,7 +212,7 @@ def test_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
     junk.write_bytes(b"definitely not a zip or pickle")
     with pytest.raises(GradcamError) as exc:
         load(junk)
-    assert "not a loadable state dict" in one_line(exc, prefix="--weights ")
+    assert "not a loadable state dict" in one_line(exc, prefix="weights ")
 
 
 def test_missing_checkpoint_path(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_checkpoint_path_gives_the_same_predictions_as_the_weights(photo: Path, 
 def test_checkpoint_that_is_not_a_state_dict_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a pickle")
-    with pytest.raises(GradcamError, match=r"--weights .*bad\.pt: not a loadable state dict"):
+    with pytest.raises(GradcamError, match=r"weights .*bad\.pt: not a loadable state dict"):
         load_model(load_settings(model="resnet18", weights=str(bad)))
 
 

@@ -1,13 +1,17 @@
-"""Which images a run explains: files and folders walked in sorted order, sampled and limited.
+"""Which images a run explains: files and folders walked in sorted order, files listed in a file (`--files-from`),
+sampled and limited.
 
-Paths are named relative to the INPUT root they were found under; that relative path names the image's
-outputs and its CSV row, so it must be unique and stable across runs.
+Paths are named relative to the INPUT root they were found under (a listed file: relative to the list's
+folder); that relative path names the image's outputs and its CSV row, so it must be unique and stable across
+runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +61,9 @@ def _walk(root: Path, skip: set[Path], unlistable: list[tuple[Path, str]]) -> It
 
 
 def discover(
-    inputs: Sequence[str | os.PathLike[str]], exclude: Sequence[str | os.PathLike[str]] = ()
+    inputs: Sequence[str | os.PathLike[str]],
+    exclude: Sequence[str | os.PathLike[str]] = (),
+    files_from: str | None = None,
 ) -> list[ImageFile]:
     """Files and folders -> sorted image files with relative paths; folders in `exclude` (OUT) are skipped.
 
@@ -65,9 +71,16 @@ def discover(
     name). When two roots yield the same relative path, the later one is prefixed with its root's name (a
     file's parent folder name) so their outputs never overwrite each other. A sub-folder that cannot be
     listed becomes an entry with `error` set (`rel` ends with '/'); an INPUT that cannot be listed at all is
-    a usage error.
+    a usage error. The images `files_from` lists follow those of `inputs`.
     """
     skip = {Path(p).resolve() for p in exclude}
+    found = _discover_inputs(inputs, skip)
+    if files_from is not None:
+        found.extend(listed(files_from, {f.rel for f in found}, skip))
+    return found
+
+
+def _discover_inputs(inputs: Sequence[str | os.PathLike[str]], skip: set[Path]) -> list[ImageFile]:
     found: list[ImageFile] = []
     taken: set[str] = set()
     for root_index, raw in enumerate(inputs):
@@ -91,15 +104,77 @@ def discover(
             prefix = root.resolve().parent.name
         prefix = prefix or f"input{root_index}"
         for path, rel, error in items:
-            name = rel
-            if name in taken:
-                name = f"{prefix}/{rel}"
-                n = 2
-                while name in taken:
-                    name, n = f"{prefix}-{n}/{rel}", n + 1
-            taken.add(name)
-            found.append(ImageFile(path=path, rel=name, error=error))
+            found.append(ImageFile(path=path, rel=_unique(rel, prefix, taken), error=error))
     return found
+
+
+def _unique(rel: str, prefix: str, taken: set[str]) -> str:
+    """`rel`, or `prefix/rel` (then `prefix-2/rel`, ...) when another input already named an image so."""
+    name = rel
+    if name in taken:
+        name = f"{prefix}/{rel}"
+        n = 2
+        while name in taken:
+            name, n = f"{prefix}-{n}/{rel}", n + 1
+    taken.add(name)
+    return name
+
+
+def read_file_list(spec: str) -> tuple[Path, list[tuple[int, str]]]:
+    """`--files-from FILE` (`-`: standard input) -> (the folder its paths are relative to, [(line, path)]).
+
+    One path per line; blank lines and lines starting with `#` are skipped, as are repeats of a path. Relative
+    paths are relative to the list's folder (to the current folder for standard input), as in rsync's
+    --files-from and tar's -T: the list stays valid wherever the job runs.
+    """
+    if spec == "-":
+        base, text = Path.cwd(), sys.stdin.read()
+    else:
+        path = Path(spec)
+        try:
+            text = path.read_bytes().decode("utf-8", "surrogateescape")
+        except OSError as exc:
+            raise GradcamError(f"--files-from {spec}: cannot read it ({exc.strerror or exc})") from None
+        base = path.parent
+    entries: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.strip()
+        if entry and not entry.startswith("#") and entry not in seen:
+            seen.add(entry)
+            entries.append((number, entry))
+    return base, entries
+
+
+def listed(spec: str, taken: set[str], skip: set[Path] = frozenset()) -> list[ImageFile]:  # type: ignore[assignment]
+    """The images `--files-from spec` names, in list order; a missing or unreadable entry becomes an entry with
+    `error` set (its own error row), never a stop. A listed folder is walked like an INPUT folder."""
+    base, entries = read_file_list(spec)
+    where = "standard input" if spec == "-" else spec
+    found: list[ImageFile] = []
+    for number, entry in entries:
+        path = Path(entry) if Path(entry).is_absolute() else base / entry
+        try:
+            rel = path.resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:  # outside the list's folder: named by its file name, as a file given directly
+            rel = path.name
+        prefix = path.resolve().parent.name or "listed"
+        if path.is_dir():
+            unlistable: list[tuple[Path, str]] = []
+            for image in _walk(path, skip, unlistable):
+                inner = posixpath.normpath(f"{rel}/{image.relative_to(path).as_posix()}")
+                found.append(ImageFile(path=image, rel=_unique(inner, prefix, taken)))
+            for folder, message in unlistable:
+                found.append(ImageFile(path=folder, rel=_unique(f"{rel}/{folder.name}/", prefix, taken), error=message))
+            continue
+        error = None if path.is_file() else f"file not found ({where} line {number})"
+        found.append(ImageFile(path=path, rel=_unique(rel, prefix, taken), error=error))
+    return found
+
+
+def list_base(spec: str) -> Path:
+    """The folder the paths of `--files-from spec` are relative to: the list's folder, or the current one."""
+    return Path.cwd() if spec == "-" else Path(spec).parent
 
 
 def in_sample(rel: str, rate: float) -> bool:
@@ -117,9 +192,12 @@ def select_files(
     exclude: Path,
     sample_rate: float | None = None,
     limit: int | None = None,
+    files_from: str | None = None,
 ) -> list[ImageFile]:
     """The images of a run: `discover`, then `--sample-rate`, then `--limit`; none at all is a usage error."""
-    files = discover(inputs, exclude=[exclude])
+    if not inputs and files_from is None:
+        raise GradcamError("nothing to explain: give INPUTS (files or folders) or --files-from FILE")
+    files = discover(inputs, exclude=[exclude], files_from=files_from)
     if sample_rate is not None:
         found = len(files)
         files = [f for f in files if in_sample(f.rel, sample_rate)]
@@ -128,5 +206,6 @@ def select_files(
     if limit is not None:
         files = files[:limit]
     if not files:
-        raise GradcamError("no images found in " + ", ".join(str(p) for p in inputs))
+        named = [str(p) for p in inputs] + ([f"--files-from {files_from}"] if files_from is not None else [])
+        raise GradcamError("no images found in " + ", ".join(named))
     return files

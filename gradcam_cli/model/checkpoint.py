@@ -58,9 +58,12 @@ def load_checkpoint(model: nn.Module, path: Path) -> list[str]:
 
     Returns notes on what was adapted (the entry the weights sat under, stripped key prefixes).
     """
-    where = f"--weights {path}"
+    where = f"weights {path}"
     if not path.is_file():
-        raise GradcamError(f"{where}: no such file (and not 'none', 'DEFAULT' or a weights name)")
+        raise GradcamError(
+            f"{where}: no such file (and not 'none', 'DEFAULT' or a weights name; a relative path in a config is "
+            "relative to the config file)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -34,7 +34,7 @@ def imagenet_labels() -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def imagenet_wordnet() -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """The 1000 ImageNet-1k classes in index order as (WordNet id, lemmas), e.g. ('n02123045', ('tabby', 'tabby cat'))."""
+    """The 1000 ImageNet-1k classes in index order as (WordNet id, lemmas): ('n02123045', ('tabby', 'tabby cat'))."""
     text = (Path(__file__).with_name("imagenet_wordnet.tsv")).read_text(encoding="utf-8")
     rows = []
     for line in text.splitlines():

@@ -8,9 +8,12 @@ else ImageNet defaults. Checkpoints: `checkpoint`; class names: `labels`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
 import importlib
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,21 +66,84 @@ def classification_model_names() -> list[str]:
 
 
 def _import_factory(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
+    """`module:callable` or `path/to/file.py:callable` -> the callable.
+
+    Modules are looked up from the current folder first, then sys.path, as `python -m`, uvicorn and gunicorn
+    do, so a `mynet.py` next to where the command runs works without PYTHONPATH. A file path is imported
+    from that file, with its folder on sys.path for its own sibling imports. Anything that fails while
+    importing is the user's code or environment: a usage error naming the module or file and why.
+    """
+    module_name, _, attr = spec.rpartition(":")  # rpartition: a Windows path has a drive colon
     if not module_name or not attr:
-        raise GradcamError(f"model '{spec}': expected 'package.module:callable'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise GradcamError(f"model '{spec}': cannot import module '{module_name}': {exc}") from None
+        raise GradcamError(f"model '{spec}': expected 'package.module:callable' or 'path/to/file.py:callable'")
+    is_file = module_name.endswith(".py") or any(sep in module_name for sep in "/\\")
+    module = _import_file(spec, Path(module_name)) if is_file else _import_module(spec, module_name)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise GradcamError(f"model '{spec}': module '{module_name}' has no attribute '{attr}'")
+            raise GradcamError(f"model '{spec}': {module_name} has no attribute '{attr}'")
         obj = getattr(obj, part)
     if not callable(obj):
         raise GradcamError(f"model '{spec}': '{attr}' is not callable")
     return obj
+
+
+def _import_failed(spec: str, what: str, exc: BaseException) -> GradcamError:
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:  # the innermost frame in the user's code says where it broke
+        if "importlib" not in tb.tb_frame.f_code.co_filename:
+            where = f" ({tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno})"
+        tb = tb.tb_next
+    message = _first_line(exc)
+    if isinstance(exc, SyntaxError):
+        message, where = str(exc.msg), f" ({exc.filename}, line {exc.lineno})" if exc.filename else ""
+    return GradcamError(f"model '{spec}': importing {what} failed: {type(exc).__name__}: {message}{where}")
+
+
+def _import_module(spec: str, module_name: str) -> Any:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise GradcamError(
+                f"model '{spec}': cannot import module '{module_name}': no {exc.name.replace('.', '/')}.py or package "
+                f"'{exc.name}' in the current folder ({cwd}) or on sys.path"
+            ) from None
+        raise _import_failed(spec, f"module '{module_name}'", exc) from None
+    except Exception as exc:  # the module's own code failed: a syntax error, an import it needs, ...
+        raise _import_failed(spec, f"module '{module_name}'", exc) from None
+
+
+def _import_file(spec: str, path: Path) -> Any:
+    import importlib.util
+
+    if not path.is_file():
+        raise GradcamError(f"model '{spec}': no such file: {path}")
+    resolved = path.resolve()
+    # one module name per file, so the same file imported twice (a second run in one process) is the same module
+    name = "gradcam_user_" + hashlib.sha1(str(resolved).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, resolved)
+    if module_spec is None or module_spec.loader is None:
+        raise GradcamError(f"model '{spec}': {path} is not an importable Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    folder = str(resolved.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as exc:
+        del sys.modules[name]
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise _import_failed(spec, str(path), exc) from None
+    return module
 
 
 # builders whose architecture fixes the input size, and the keyword that sets it (random weights only)
@@ -108,16 +174,16 @@ def _weights_member(name: str, spec: str) -> Any:
     if spec.lower() == "none" or Path(spec).exists():
         return None
     if enum_cls is None:
-        raise GradcamError(f"--weights {spec}: {name} has no pretrained weights in torchvision; use none or a path")
+        raise GradcamError(f"weights {spec}: {name} has no pretrained weights in torchvision; use none or a path")
     short = spec.split(".")[-1]
     if short.upper() == "DEFAULT":
         return enum_cls.DEFAULT
     if short in enum_cls.__members__:
         return enum_cls[short]
     if any(c in spec for c in "/\\") or spec.endswith((".pt", ".pth", ".ckpt", ".bin")):
-        raise GradcamError(f"--weights {spec}: no such file")
+        raise GradcamError(f"weights {spec}: no such file")
     choices = ", ".join(enum_cls.__members__)
-    raise GradcamError(f"--weights {spec}: not a path, 'none', 'DEFAULT' or one of {name}'s weights: {choices}")
+    raise GradcamError(f"weights {spec}: not a path, 'none', 'DEFAULT' or one of {name}'s weights: {choices}")
 
 
 def _kwargs_with_num_classes(settings: Settings) -> dict[str, Any]:
@@ -186,7 +252,9 @@ def _torchvision_model(name: str, settings: Settings) -> tuple[nn.Module, Any, s
         return model, None, "none", _wake_zero_heads(model, name)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(member.url)
     try:
-        model = torchvision.models.get_model(name, weights=member, **kwargs)
+        # torch.hub announces a download on stdout; stdout is for what scripts parse, so it goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            model = torchvision.models.get_model(name, weights=member, **kwargs)
     except (TypeError, ValueError) as exc:
         raise GradcamError(f"model '{name}' with weights {member.name}: {_first_line(exc)}") from None
     except Exception as exc:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gradcam_cli.cam.engine import CamEngine
 from gradcam_cli.config import Settings, check_audit_settings
-from gradcam_cli.data.discover import select_files
+from gradcam_cli.data.discover import list_base, select_files
 from gradcam_cli.out.folder import OutputFolder
 from gradcam_cli.render.encode import pillow_block_cache, restore_pillow_blocks
 from gradcam_cli.run.coordinator import Coordinator, coordinator_from_env
@@ -48,9 +48,14 @@ def explain(
         check_audit_settings(settings)
         folder = OutputFolder(out)
         folder.check_writable()
-        files = coordinator.list_files(lambda: select_files(inputs, folder.path, settings.sample_rate, settings.limit))
+        files = coordinator.list_files(
+            lambda: select_files(inputs, folder.path, settings.sample_rate, settings.limit, settings.files_from)
+        )
+        roots = list(inputs)
+        if settings.files_from is not None:  # the list's folder is a root: labels.csv, originals for the report
+            roots.append(list_base(settings.files_from))
         device = coordinator.device(settings.device)
-        plan = plan_run(settings, inputs, folder, files, device, coordinator.leader, say)
+        plan = plan_run(settings, roots, folder, files, device, coordinator.leader, say)
         with plan.engine() as engine:
             notes = [*plan.notes, *probe(plan, engine)]
             coordinator.started()
