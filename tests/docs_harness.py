@@ -254,6 +254,15 @@ FILES: dict[str, str] = {
     "boxes.csv": "path,x0,y0,x1,y1,label\na.jpg,20,10,100,80,*\ncats/tom.jpg,40,20,140,110,tabby\n",
     # the class names of the fine-tuned 10-class model
     "classes.txt": "".join(f"class_{i}\n" for i in range(10)),
+    # a CI job's list of changed images: `--files-from changed.txt`
+    "changed.txt": "photos/a.jpg\nphotos/cats/tom.jpg\n",
+    # a model file next to the command: `--model ./mynet.py:build`
+    "mynet.py": (
+        "from torch import nn\n\n\n"
+        "def build(num_classes: int = 3) -> nn.Module:\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(8, num_classes))\n"
+    ),
     # an importable model factory: `--model mypkg.models:build_classifier`
     "mypkg/__init__.py": "",
     "mypkg/models.py": (

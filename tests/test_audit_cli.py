@@ -39,9 +39,10 @@ BASE_HEADER = (
     "path,status,error,pred_index,pred_label,pred_prob,target_index,target_label,target_prob,"
     "method,layer,cam_max,peak_x,peak_y,heatmap,overlay"
 )
-METRIC_HEADER = "deletion_auc,insertion_auc,avg_drop,increase,pointing_hit,energy_in_box"
-# the truth and guided columns come last, after any metric columns
 CAM_HEADER = ",true_index,true_label,correct,guided"
+# every metric column is in every run's header (empty unless measured), after the truth and guided columns
+METRIC_HEADER = ",deletion_auc,insertion_auc,avg_drop,increase,pointing_hit,energy_in_box"
+HEADER = BASE_HEADER + CAM_HEADER + METRIC_HEADER
 STEPS = 5
 
 
@@ -82,20 +83,31 @@ def audited(world: dict[str, Path]) -> tuple[Result, Path]:
 def test_metric_columns_are_appended_in_canonical_order(audited: tuple[Result, Path]) -> None:
     result, out = audited
     assert result.exit_code == 0, result.output
-    assert header_of(out) == BASE_HEADER + "," + METRIC_HEADER + CAM_HEADER
+    assert header_of(out) == HEADER
     rows = rows_of(out)
     assert [r["path"] for r in rows] == sorted(SQUARES)
     assert {r["path"]: r["pred_label"] for r in rows} == PREDICTED
 
 
-def test_without_metrics_the_header_is_unchanged(world: dict[str, Path], tmp_path: Path) -> None:
+def test_the_header_is_the_same_with_or_without_metrics(world: dict[str, Path], tmp_path: Path) -> None:
+    """One policy for optional columns: always there, empty when their feature is off."""
     result = invoke("explain", world["images"], "-o", tmp_path / "o", "-c", world["cfg"], "--limit", "1")
     assert result.exit_code == 0, result.output
-    assert header_of(tmp_path / "o") == BASE_HEADER + CAM_HEADER
+    assert header_of(tmp_path / "o") == HEADER
+    (row,) = rows_of(tmp_path / "o")
+    assert all(row[c] == "" for c in METRIC_HEADER.strip(",").split(","))
     result = invoke(
         "explain", world["images"], "-o", tmp_path / "p", "-c", world["cfg"], "--limit", "1", "--metrics", "drop"
     )
-    assert header_of(tmp_path / "p") == BASE_HEADER + ",avg_drop,increase" + CAM_HEADER
+    assert header_of(tmp_path / "p") == HEADER
+    (row,) = rows_of(tmp_path / "p")
+    assert row["avg_drop"] != "" and row["increase"] != "" and row["deletion_auc"] == ""
+    # the audit reads only the measured metrics (run.json), not the empty columns
+    invoke("audit", tmp_path / "p")
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text(encoding="utf-8"))
+    assert sorted(summary["metrics"]) == ["avg_drop", "increase"]
+    line = one_error_line(invoke("audit", tmp_path / "p", "--fail-under", "insertion=0.5"), "insertion")
+    assert "--metrics insertion" in line
 
 
 def test_perturbation_metrics_equal_a_recomputation_from_the_outputs(
@@ -486,7 +498,7 @@ def test_resume_keeps_metric_columns_and_refuses_other_metrics(world: dict[str, 
     (out / "heatmaps" / "dog" / "d.png.png").unlink()  # d must be explained again, the others are kept
     result = invoke(*args, "--resume", "--summary")
     assert result.exit_code == 0, result.output
-    assert header_of(out) == BASE_HEADER + ",deletion_auc,avg_drop,increase" + CAM_HEADER
+    assert header_of(out) == HEADER
     again = rows_of(out)
     assert [r["path"] for r in again] == [r["path"] for r in first]  # input order restored
     for before, after in zip(first, again, strict=True):
@@ -496,4 +508,4 @@ def test_resume_keeps_metric_columns_and_refuses_other_metrics(world: dict[str, 
     # other metrics would mix two kinds of rows in one CSV: a usage error, nothing touched
     line = one_error_line(invoke(*args[:-4], "--metrics", "drop", "--resume"), "--resume", "audit")
     assert "start fresh" in line
-    assert header_of(out) == BASE_HEADER + ",deletion_auc,avg_drop,increase" + CAM_HEADER
+    assert header_of(out) == HEADER

@@ -28,8 +28,10 @@ from gradcam_cli import __version__
 CSV_HEADER = (
     "path,status,error,pred_index,pred_label,pred_prob,target_index,target_label,target_prob,"
     "method,layer,cam_max,peak_x,peak_y,heatmap,overlay,"
-    # appended later (the contract allows new columns at the end only)
-    "true_index,true_label,correct,guided"
+    # appended later (the contract allows new columns at the end only); the metric columns are empty without
+    # --metrics
+    "true_index,true_label,correct,guided,"
+    "deletion_auc,insertion_auc,avg_drop,increase,pointing_hit,energy_in_box"
 )
 # resnet18 downsamples by 32; its weights' transforms feed it 224 px, so layer4 is 7x7 for any image size
 RESNET_STRIDE = 32

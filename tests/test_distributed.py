@@ -35,12 +35,13 @@ import torch.distributed as dist
 from click.testing import CliRunner
 
 from gradcam_cli import load_settings
+from gradcam_cli.audit.metrics import COLUMN_NAMES
 from gradcam_cli.cli import main
 from gradcam_cli.errors import GradcamError, RunStopped
 from gradcam_cli.out.files import atomic_write
 from gradcam_cli.out.merge import fold_rank_csvs, merge_csvs
 from gradcam_cli.out.names import rank_csv as rank_csv_name
-from gradcam_cli.out.table import BASE_COLUMNS, TAIL_COLUMNS, csv_bytes, iter_rows
+from gradcam_cli.out.table import BASE_COLUMNS, columns_for, csv_bytes, iter_rows
 from gradcam_cli.run.coordinator import LocalCoordinator, TorchrunCoordinator, coordinator_from_env
 from gradcam_cli.run.explain import explain
 from gradcam_cli.run.world import World, shard
@@ -490,7 +491,7 @@ def test_two_ranks_give_the_same_results_as_one_process(
     assert not list(out.glob("predictions.rank*.csv")) and not list(out.rglob("*.tmp"))
     # metric columns are in the CSV compared above; summary.json and its gate were made from the merged CSV
     header = (out / "predictions.csv").read_text(encoding="utf-8").splitlines()[0]
-    assert header.endswith(",avg_drop,increase," + ",".join(TAIL_COLUMNS))  # the truth and guided columns come last
+    assert header == ",".join(columns_for(COLUMN_NAMES))  # the same header as one process writes
     ours, theirs = (json.loads((d / "summary.json").read_text(encoding="utf-8")) for d in (out, reference))
     assert ours["counts"]["images"] == 25 and ours["gates"][0]["gate"] == "--fail-under increase=0.5"
     assert {**ours, "generated": None} == {**theirs, "generated": None}
@@ -598,7 +599,7 @@ def test_a_rank_killed_under_torchrun_stops_the_others_cleanly_and_resume_comple
     assert run["status"] == "interrupted" and "predictions.rank<k>.csv" in run["note"]
     ref_rows = _csv_rows(reference)
     ref_paths = [r["path"] for r in ref_rows]
-    columns = (*BASE_COLUMNS, "avg_drop", "increase", *TAIL_COLUMNS)
+    columns = columns_for(COLUMN_NAMES)
     assert read_rows(out / "predictions.csv", columns) == []  # nothing merged
     done = []
     for k in (0, 1):  # each rank CSV holds a leading part of that rank's share, rows as in one process
@@ -643,12 +644,7 @@ def test_rank_csvs_left_by_a_stopped_run_are_merged_on_resume_or_removed_on_a_fr
     are what is done. --resume, with any number of processes (here one), merges them first and finishes."""
     out = tmp_path / "out"
     shutil.copytree(reference, out)
-    columns = (
-        *BASE_COLUMNS,
-        "avg_drop",
-        "increase",
-        *TAIL_COLUMNS,
-    )  # the run's metric columns follow the standard ones
+    columns = columns_for(COLUMN_NAMES)
     ref = read_rows(reference / "predictions.csv", columns)
     paths = [r[0] for r in ref]
     share0, share1 = shard(paths, 0, 2, BATCH), shard(paths, 1, 2, BATCH)

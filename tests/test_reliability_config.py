@@ -112,6 +112,7 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "fail_over": [{"deletion": 0.9}, "drop=50", []],
     "only_below": [0.5, 1, 0],
     "sample_rate": [0.5, 1, "50%", 0],
+    "files_from": ["list.txt", "-", ""],
     "dist_timeout": [0.5, 120, 0, -3],  # torchrun
     # CAM method options
     "counterfactual": [True, False],
@@ -267,7 +268,7 @@ def test_weights_pickle_with_a_payload_is_not_executed(tmp_path: Path, two_image
     marker.rmdir()
     result = invoke("explain", two_images, "-o", tmp_path / "out", "--model", "toy_models:probe", "--weights", ckpt)
     line = one_error_line(result)
-    assert "--weights" in line and "weights_only=True" in line
+    assert "weights " in line and "weights_only=True" in line
     assert not marker.exists(), "the checkpoint's payload ran"
     assert not (tmp_path / "out").exists()
 

@@ -22,14 +22,15 @@ from click.testing import Result
 from helpers import invoke, rows_of
 from PIL import Image
 
+from gradcam_cli.audit.metrics import COLUMN_NAMES
 from gradcam_cli.out import files as out_files
 from gradcam_cli.out import writer as out_writer
 from gradcam_cli.out.files import atomic_write
-from gradcam_cli.out.table import BASE_COLUMNS, TAIL_COLUMNS, Row, csv_bytes, read_records
+from gradcam_cli.out.table import BASE_COLUMNS, Row, columns_for, csv_bytes, read_records
 from gradcam_cli.out.writer import OutputWriter
 from gradcam_cli.render.encode import encode_png
 
-HEADER = ",".join(BASE_COLUMNS + TAIL_COLUMNS)
+HEADER = ",".join(columns_for(COLUMN_NAMES))
 
 
 def temp_files(out: Path) -> list[Path]:
@@ -333,7 +334,7 @@ def _check_consistent(out: Path) -> int:
     data = csv_path.read_bytes()
     assert data.startswith(HEADER.encode() + b"\r\n") and data.endswith(b"\r\n"), data[-80:]
     records = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
-    assert all(len(r) == len(BASE_COLUMNS + TAIL_COLUMNS) for r in records)
+    assert all(len(r) == len(columns_for(COLUMN_NAMES)) for r in records)
     paths = [r[0] for r in records[1:]]
     assert len(paths) == len(set(paths))
     for r in records[1:]:

@@ -6,8 +6,9 @@ No torch here: config validation and `gradcam audit` read it at start-up. The ma
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ COLUMNS: tuple[MetricColumn, ...] = (
     ),
 )
 METRIC_NAMES: tuple[str, ...] = tuple(dict.fromkeys(c.metric for c in COLUMNS))
+COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)  # in every predictions.csv, empty unless measured
 ANNOTATED_METRICS: tuple[str, ...] = tuple(dict.fromkeys(c.metric for c in COLUMNS if c.annotated))
 BY_COLUMN: dict[str, MetricColumn] = {c.name: c for c in COLUMNS}
 BY_GATE: dict[str, MetricColumn] = {c.gate: c for c in COLUMNS}
@@ -98,6 +100,19 @@ def columns_in(header: Iterable[str]) -> list[MetricColumn]:
     """The metric columns a predictions.csv header has, in table order."""
     present = set(header)
     return [c for c in COLUMNS if c.name in present]
+
+
+def measured_header(header: Sequence[str], run: Mapping[str, Any]) -> list[str]:
+    """The header without the metric columns the run did not measure (every run has them all, empty).
+
+    What was measured is run.json's `audit.metrics`; a folder whose run.json does not say (an older version
+    wrote only the asked-for columns) keeps its header as it is.
+    """
+    audit = run.get("audit")
+    asked = audit.get("metrics") if isinstance(audit, Mapping) else None
+    if not isinstance(asked, list):
+        return list(header)
+    return [name for name in header if name not in BY_COLUMN or BY_COLUMN[name].metric in asked]
 
 
 def gate_hint(key: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from gradcam_cli.audit.metrics import columns_in
+from gradcam_cli.audit.metrics import columns_in, measured_header
 from gradcam_cli.audit.summary import summarize
 from gradcam_cli.audit.truth import Truth, resolve_truth
 from gradcam_cli.errors import GradcamError
@@ -149,6 +149,7 @@ def report(
     folder = OutputFolder(out)
     out_dir = folder.path
     header, rows, run = folder.read()
+    header = measured_header(header, run)
     labels = [str(x) for x in run.get("labels") or []]
     roots = [str(r) for r in run.get("input_roots") or []]
     if isinstance(truth, str):

@@ -15,7 +15,7 @@ from typing import Any
 
 from gradcam_cli import __version__
 from gradcam_cli.audit.gates import Gate, GateResult, check_gates, gates_from, rounded
-from gradcam_cli.audit.metrics import ACCURACY, MetricColumn, columns_in
+from gradcam_cli.audit.metrics import ACCURACY, MetricColumn, columns_in, measured_header
 from gradcam_cli.audit.truth import Truth, resolve_truth
 from gradcam_cli.config import Settings
 from gradcam_cli.errors import ExitCode, GradcamError
@@ -264,6 +264,7 @@ def audit(
     """
     folder = OutputFolder(out)
     header, rows, run = folder.read()
+    header = measured_header(header, run)
     class_names = list(labels) if labels is not None else [str(x) for x in run.get("labels") or []]
     if isinstance(truth, str):
         roots = [str(r) for r in run.get("input_roots") or []]

@@ -37,14 +37,19 @@ BASE_COLUMNS: tuple[str, ...] = (
     "heatmap",
     "overlay",
 )
-# appended after any metric columns, so that every earlier column keeps its place
+# added after the base columns in a later version: new columns are only ever appended, so each keeps its place
 TAIL_COLUMNS: tuple[str, ...] = ("true_index", "true_label", "correct", "guided")
 ENCODING, WRITE_ERRORS, READ_ERRORS = "utf-8", "backslashreplace", "surrogateescape"
 
 
 def columns_for(metric_columns: Sequence[str] = ()) -> tuple[str, ...]:
-    """The header of a run: the base columns, the metric columns it asked for, the tail columns."""
-    return BASE_COLUMNS + tuple(metric_columns) + TAIL_COLUMNS
+    """The header of predictions.csv: the base columns, the tail columns, then every metric column.
+
+    One policy for every optional column: it is always there, empty where its feature is off (no ground
+    truth, no guided output, a metric not asked for). The header is the same for every run of a version,
+    so a script can read any column of any run, and a column never moves: later ones are appended.
+    """
+    return BASE_COLUMNS + TAIL_COLUMNS + tuple(metric_columns)
 
 
 def csv_text(text: str) -> str:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from gradcam_cli import __version__
 from gradcam_cli.audit.evaluate import Evaluator, audit_manifest
+from gradcam_cli.audit.metrics import COLUMN_NAMES as METRIC_COLUMNS
 from gradcam_cli.audit.summary import AuditPlan, prepare_audit
 from gradcam_cli.audit.truth import ImageTruth, image_truth
 from gradcam_cli.cam.engine import GUIDED_NAME, CamEngine
@@ -86,6 +87,7 @@ class RunPlan:
         s = self.settings
         return {
             "inputs": list(self.inputs),
+            "files_from": s.files_from,
             "model": self.model.name,
             "weights": self.model.weights,
             "layers": list(self.layers),
@@ -183,7 +185,7 @@ def plan_run(
         selector=selector,
         truth=truth,
         evaluator=evaluator,
-        columns=columns_for(evaluator.columns if evaluator is not None else ()),
+        columns=columns_for(METRIC_COLUMNS),
         outputs=OutputNames(settings.save, maps, selector.slots > 1, spec.input_grads),
         decode_error=decode_error,
         audit=prepare_audit(settings, roots, loaded.labels, rels) if leader else None,
