@@ -91,8 +91,9 @@ def layers(model: str, config: str | Path | None = None, input_size: int | None 
 
 def __getattr__(name: str) -> Any:
     """`audit(out, truth, worst, gates, labels, write) -> AuditResult` (gradcam_cli.audit.summary.audit) and
-    `report(out, truth, title, thumb_size, low_confidence, log) -> Path` (gradcam_cli.audit.report.report),
-    imported on first use so that `gradcam --help` does not pay for them. Neither imports torch."""
+    `report(out, truth, title, thumb_size, low_confidence, log) -> Path` (gradcam_cli.audit.report.report) and
+    `diff(a, b, out, top, gates, report, worst, threads, log) -> DiffResult` (gradcam_cli.audit.diff.compare.diff),
+    imported on first use so that `gradcam --help` does not pay for them. None of them imports torch."""
     if name == "audit":
         from gradcam_cli.audit.summary import audit
 
@@ -101,4 +102,8 @@ def __getattr__(name: str) -> Any:
         from gradcam_cli.audit.report import report
 
         return report
+    if name == "diff":
+        from gradcam_cli.audit.diff.compare import diff
+
+        return diff
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import click
 
 from gradcam_cli import __version__
+from gradcam_cli.audit.diff.gates import FLIPS, SIMILARITIES_OVER, SIMILARITIES_UNDER
 from gradcam_cli.audit.metrics import GATES_OVER, GATES_UNDER, METRIC_NAMES
 from gradcam_cli.config import (
     AMP_MODES,
@@ -22,6 +23,7 @@ from gradcam_cli.config import (
     METHOD_NAMES,
     PREPROCESS_MODES,
     check_audit_settings,
+    check_diff_gates,
     load_settings,
 )
 from gradcam_cli.errors import ExitCode, GradcamError, RunStopped
@@ -29,6 +31,8 @@ from gradcam_cli.render.colormaps import COLORMAP_NAMES
 from gradcam_cli.run.world import env_rank, env_world_size
 
 UNDER_KEYS, OVER_KEYS = ", ".join(GATES_UNDER), ", ".join(GATES_OVER)
+DIFF_UNDER_KEYS = ", ".join(SIMILARITIES_UNDER)
+DIFF_OVER_KEYS = ", ".join((FLIPS, *SIMILARITIES_OVER))
 
 
 def _fail(message: str, code: int = ExitCode.USAGE) -> NoReturn:
@@ -196,6 +200,12 @@ def main() -> None:
 )
 @click.option("--sample-rate", help="Explain a deterministic sample (by hash of the path) of this fraction, e.g. 0.1.")
 @click.option(
+    "--compare-to",
+    metavar="OUT_A",
+    help="After the run, diff it against an earlier explain output (as `gradcam diff OUT_A OUT`, into OUT/diff); "
+    "its gates are --fail-under spearman/ssim/iou=V and --fail-over flips/shift=V.",
+)
+@click.option(
     "--files-from",
     help="Also explain the files listed in this file, one path per line (relative to the list's folder, or "
     "absolute; `-` reads standard input, relative to the current folder). Missing files become error rows.",
@@ -258,6 +268,8 @@ def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any)
     )
     if summary.audit is not None:
         _report_audit(summary.audit, log)
+    if summary.diff is not None:
+        _report_diff(summary.diff, log)
     # under torchrun rank 0's exit code is the run's; the other ranks exit 0 once rank 0 has their results, so
     # that no launcher stops rank 0 (torchrun stops every rank when one exits non-zero) before it has reported
     sys.exit(summary.exit_code if env_rank() == 0 else ExitCode.OK)
@@ -266,6 +278,18 @@ def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any)
 def _report_audit(result: Any, log: Callable[[str], None]) -> None:
     """Summary lines (unless quiet) and one stderr line per gate; failed gates are printed even when quiet."""
     from gradcam_cli.audit.summary import summary_lines
+
+    for line in summary_lines(result):
+        log(line)
+    for gate in result.gates:
+        if gate.passed:
+            log(gate.message())
+        else:
+            click.echo(f"Error: {gate.message()}", err=True)
+
+
+def _report_diff(result: Any, log: Callable[[str], None]) -> None:
+    from gradcam_cli.audit.diff.compare import summary_lines
 
     for line in summary_lines(result):
         log(line)
@@ -309,6 +333,7 @@ def audit(
     settings = load_settings(
         None, truth=truth, worst=worst, fail_under=list(fail_under) or None, fail_over=list(fail_over) or None
     )
+    check_diff_gates(settings)
     result = run_audit(
         out, truth=settings.truth, worst=settings.worst, gates=gates_from(settings.fail_under, settings.fail_over)
     )
@@ -318,6 +343,90 @@ def audit(
             click.echo(message)
 
     _report_audit(result, log)
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("out_a", type=click.Path(path_type=str))
+@click.argument("out_b", type=click.Path(path_type=str))
+@click.option(
+    "-o",
+    "--out",
+    "diff_out",
+    type=click.Path(file_okay=False, path_type=str),
+    help="Where diff.csv, diff.json (and diff.html) go. [default: OUT_B/diff]",
+)
+@click.option(
+    "--top",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="Share of each map's most salient pixels whose overlap (IoU) is measured.",
+)
+@click.option(
+    "--fail-under",
+    multiple=True,
+    help=f"KEY=VALUE gate, higher is better ({DIFF_UNDER_KEYS}); STAT:KEY picks the statistic: mean (default), "
+    "median, p10, p90.",
+)
+@click.option(
+    "--fail-over",
+    multiple=True,
+    help=f"KEY=VALUE gate, lower is better ({DIFF_OVER_KEYS}); flips: the share of images whose top-1 class "
+    "changed (2% or 0.02); shift: the peak shift over the image diagonal (mean, or STAT:shift).",
+)
+@click.option(
+    "--report", is_flag=True, help="Also write diff.html: A's overlay, B's overlay and where they differ, per image."
+)
+@click.option("--worst", type=int, default=10, show_default=True, help="Least similar pairs listed in diff.json.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only failed gates.")
+@_guarded
+def diff(
+    out_a: str,
+    out_b: str,
+    diff_out: str | None,
+    top: float,
+    fail_under: tuple[str, ...],
+    fail_over: tuple[str, ...],
+    report: bool,
+    worst: int,
+    quiet: bool,
+) -> None:
+    """Compare two explain output folders made on the same images (OUT_A the reference, OUT_B the new run).
+
+    Per image: did the top-1 class flip, and how alike are the two maps (Spearman, SSIM, IoU of the top
+    regions, peak shift); writes diff.csv and diff.json, and with --report diff.html. Reads files only: no
+    model. Exit codes: 0 ok, 1 images only in one run or failed in either, 2 usage error (not explain
+    outputs, no image in common), 3 a gate failed (3 wins over 1).
+    """
+    from gradcam_cli.api import diff as run_diff
+    from gradcam_cli.audit.diff.gates import DIFF_GATE_KEYS
+    from gradcam_cli.audit.gates import gates_from
+
+    settings = load_settings(None, fail_under=list(fail_under) or None, fail_over=list(fail_over) or None)
+    for flag, gates in (("--fail-under", settings.fail_under), ("--fail-over", settings.fail_over)):
+        for key, _value in gates:
+            if key not in DIFF_GATE_KEYS:
+                raise GradcamError(
+                    f"{flag} {key}=...: not a gate of gradcam diff (those are {DIFF_UNDER_KEYS}; {DIFF_OVER_KEYS})"
+                )
+    if worst < 0:
+        raise GradcamError(f"--worst: expected a number >= 0, got {worst}")
+
+    def log(message: str) -> None:
+        if not quiet:
+            click.echo(message)
+
+    result = run_diff(
+        out_a,
+        out_b,
+        diff_out,
+        top=top,
+        gates=gates_from(settings.fail_under, settings.fail_over),
+        report=report,
+        worst=worst,
+    )
+    _report_diff(result, log)
     sys.exit(result.exit_code)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gradcam_cli.audit.diff.gates import DIFF_GATE_KEYS, DIFF_GATES_OVER, DIFF_GATES_UNDER
 from gradcam_cli.audit.metrics import ANNOTATED_METRICS, BY_GATE, GATES_OVER, GATES_UNDER, METRIC_NAMES
 from gradcam_cli.cam.methods import BUILT_IN_METHODS, method_names
 from gradcam_cli.errors import GradcamError
@@ -80,6 +81,7 @@ class Settings:
     only_below: float | None = None
     sample_rate: float | None = None
     files_from: str | None = None
+    compare_to: str | None = None  # an earlier explain output to diff this run against
     dist_timeout: float = 120.0
     # method options
     counterfactual: bool = False
@@ -383,11 +385,12 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "summary": _v_bool,
     "truth": _v_truth,
     "worst": _v_nonneg_int,
-    "fail_under": _v_gates(GATES_UNDER),
-    "fail_over": _v_gates(GATES_OVER),
+    "fail_under": _v_gates(GATES_UNDER + DIFF_GATES_UNDER),
+    "fail_over": _v_gates(GATES_OVER + DIFF_GATES_OVER),
     "only_below": _v_fraction,
     "sample_rate": _v_fraction,
     "files_from": _v_optional_str,
+    "compare_to": _v_optional_str,
     "dist_timeout": _v_positive_number,
     "counterfactual": _v_bool,
     "aug_smooth": _v_bool,
@@ -440,7 +443,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise GradcamError(f"config {p}: expected a mapping of keys to values at the top level")
     clean = _validate_all(data, source="config")
     # a relative path in a config means relative to the config file, which is how people write configs
-    for key in ("labels", "boxes", "masks", "truth", "files_from", "weights"):
+    for key in ("labels", "boxes", "masks", "truth", "files_from", "weights", "compare_to"):
         value = clean.get(key)
         if value and _is_relative_path(key, value, p.parent):
             clean[key] = str(p.parent / value)
@@ -490,6 +493,20 @@ def check_audit_settings(settings: Settings) -> None:
                 raise GradcamError(f"{flag} {key}=...: needs --metrics {BY_GATE[key].metric}")
     if settings.truth == "none" and any(key == "accuracy" for key, _ in settings.fail_under):
         raise GradcamError("--fail-under accuracy=...: needs ground truth, but --truth is none")
+    check_diff_gates(settings)
+
+
+def check_diff_gates(settings: Settings) -> None:
+    """A gate of `gradcam diff` (spearman, flips, ...) needs a run to compare with: `--compare-to`."""
+    if settings.compare_to is not None:
+        return
+    for flag, gates in (("--fail-under", settings.fail_under), ("--fail-over", settings.fail_over)):
+        for key, _value in gates:
+            if key in DIFF_GATE_KEYS:
+                raise GradcamError(
+                    f"{flag} {key}=...: a gate on the comparison with an earlier run; add --compare-to OUT_A "
+                    "(or run gradcam diff OUT_A OUT_B)"
+                )
 
 
 def load_settings(config: str | Path | None = None, **flags: Any) -> Settings:

@@ -132,3 +132,32 @@ def synthetic_out(root: Path, n: int, metrics: bool = True) -> Path:
     run = {"model": "synthetic", "input_roots": [str(src)], "labels": [f"class {k}" for k in range(7)]}
     (out / "run.json").write_text(json.dumps(run), encoding="utf-8")
     return out
+
+
+class HalfNet(nn.Module):
+    """Evidence on one half of the image only, for `gradcam diff`'s opposite-halves test.
+
+    features = the image's mean colour on an 8 x 8 grid, times a mask of the left (or right) half;
+    logits = (mean(features), 0): class 0 always wins, and Grad-CAM of it is the image on that half only.
+    """
+
+    def __init__(self, side: str) -> None:
+        super().__init__()
+        mask = torch.zeros(1, 1, 8, 8)
+        if side == "left":
+            mask[..., :4] = 1.0
+        else:
+            mask[..., 4:] = 1.0
+        self.register_buffer("mask", mask)
+        self.grid = nn.AdaptiveAvgPool2d(8)
+        self.features = nn.Identity()
+        self.class_names = ["thing", "nothing"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.features(self.grid(x).mean(1, keepdim=True) * self.mask)
+        score = a.mean(dim=(1, 2, 3))
+        return torch.stack([score, torch.zeros_like(score)], dim=1)
+
+
+def half_net(side: str = "left") -> nn.Module:
+    return HalfNet(side).eval()

@@ -199,7 +199,7 @@ def report(
     return path
 
 
-def _script_json(data: Any) -> str:
+def script_json(data: Any) -> str:
     """JSON safe inside <script>: no '<' (so no '</script>'), and U+2028/2029 escaped."""
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return text.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
@@ -217,6 +217,6 @@ def _page(title: str, payload: Mapping[str, Any]) -> str:
     template = (ASSETS / "report.html").read_text(encoding="utf-8")
     css = (ASSETS / "report.css").read_text(encoding="utf-8")
     js = (ASSETS / "report.js").read_text(encoding="utf-8")
-    parts = {"TITLE": _escape_html(title), "CSS": css, "JS": js, "DATA": _script_json(payload)}
+    parts = {"TITLE": _escape_html(title), "CSS": css, "JS": js, "DATA": script_json(payload)}
     # one pass, so that a placeholder-like string inside the data or the title is never substituted again
     return re.sub(r"__(TITLE|CSS|JS|DATA)__", lambda m: parts[m.group(1)], template)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gradcam_cli import __version__
+from gradcam_cli.audit.diff.gates import DIFF_GATE_KEYS
 from gradcam_cli.audit.gates import Gate, GateResult, check_gates, gates_from, rounded
 from gradcam_cli.audit.metrics import ACCURACY, MetricColumn, columns_in, measured_header
 from gradcam_cli.audit.truth import Truth, resolve_truth
@@ -322,12 +323,14 @@ def prepare_audit(
     settings: Settings, input_roots: Sequence[str], labels: Sequence[str], rels: Iterable[str]
 ) -> AuditPlan | None:
     """An AuditPlan when `settings` ask for a summary or a gate, else None."""
-    if not (settings.summary or settings.fail_under or settings.fail_over):
+    fail_under = [(k, v) for k, v in settings.fail_under if k not in DIFF_GATE_KEYS]  # the diff checks its own
+    fail_over = [(k, v) for k, v in settings.fail_over if k not in DIFF_GATE_KEYS]
+    if not (settings.summary or fail_under or fail_over):
         return None
     truth = resolve_truth(settings.truth, input_roots, labels, rels)
-    if any(key == ACCURACY for key, _ in settings.fail_under) and not truth.known:
+    if any(key == ACCURACY for key, _ in fail_under) and not truth.known:
         raise GradcamError(
             "--fail-under accuracy=...: no ground truth (put a labels.csv of path,label in the input folder, "
             "name the folders after the classes with --truth folders, or pass --truth FILE)"
         )
-    return AuditPlan(truth, gates_from(settings.fail_under, settings.fail_over), settings.worst, list(labels))
+    return AuditPlan(truth, gates_from(fail_under, fail_over), settings.worst, list(labels))

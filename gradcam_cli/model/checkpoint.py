@@ -119,3 +119,19 @@ def num_outputs(model: nn.Module) -> int | None:
         elif isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
             last = module.out_channels
     return last
+
+
+def state_digest(model: nn.Module) -> str:
+    """A fingerprint of the model's weights: BLAKE2b-128 over every parameter and buffer (name, dtype, shape,
+    bytes), in state-dict order. Two runs with the same digest explained the same weights, whatever file or
+    factory they came from; `gradcam diff` reports when they differ (retrained, pruned, re-exported)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: hash its bits
+            t = t.view(torch.int16)
+        h.update(t.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

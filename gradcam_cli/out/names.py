@@ -10,12 +10,14 @@ tells them apart by a suffix before the added extension: `__<layer>` with severa
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 PREDICTIONS = "predictions.csv"
 RUN_JSON = "run.json"
 SUMMARY = "summary.json"
 REPORT = "report.html"
+DIFF_CSV, DIFF_JSON, DIFF_REPORT = "diff.csv", "diff.json", "diff.html"  # in the DIFF_OUT of `gradcam diff`
 THUMBNAILS = "thumbnails"
 HEATMAPS, OVERLAYS, NPY, GUIDED = "heatmaps", "overlays", "npy", "guided"
 RANK_CSV = re.compile(r"^predictions\.rank(\d+)\.csv$")
@@ -30,6 +32,17 @@ def rank_csv(rank: int) -> str:
 def output_name(folder: str, rel: str, suffix: str, ext: str) -> str:
     """`heatmaps` + `cats/tom.jpg` + `__281` + `png` -> `heatmaps/cats/tom.jpg__281.png`."""
     return f"{folder}/{rel}{suffix}.{ext}"
+
+
+def npy_for(row: Mapping[str, str]) -> str:
+    """The npy/ file of a CSV row, derived from its heatmap or overlay name ("" when it has neither); whether
+    the run saved npy/ at all is for the caller to check."""
+    for column, folder in (("heatmap", HEATMAPS), ("overlay", OVERLAYS)):
+        name = row.get(column, "")
+        if name.startswith(folder + "/"):
+            stem = name[len(folder) + 1 :].rsplit(".", 1)[0]
+            return f"{NPY}/{stem}.npy"
+    return ""
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,14 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gradcam_cli.audit.diff.compare import DiffResult, diff
+from gradcam_cli.audit.diff.gates import DIFF_GATE_KEYS
+from gradcam_cli.audit.gates import gates_from
 from gradcam_cli.cam.engine import CamEngine
 from gradcam_cli.config import Settings, check_audit_settings
 from gradcam_cli.data.discover import list_base, select_files
+from gradcam_cli.errors import GradcamError
+from gradcam_cli.out import names
 from gradcam_cli.out.folder import OutputFolder
 from gradcam_cli.render.encode import pillow_block_cache, restore_pillow_blocks
 from gradcam_cli.run.coordinator import Coordinator, coordinator_from_env
@@ -48,6 +53,7 @@ def explain(
         check_audit_settings(settings)
         folder = OutputFolder(out)
         folder.check_writable()
+        check_compare_to(settings, folder.path)
         files = coordinator.list_files(
             lambda: select_files(inputs, folder.path, settings.sample_rate, settings.limit, settings.files_from)
         )
@@ -64,7 +70,28 @@ def explain(
             summary = _run(plan, engine, coordinator, say, progress, on_start)
     if plan.audit is not None:
         summary.audit = plan.audit.run(folder.path)
+    if settings.compare_to is not None and coordinator.leader:
+        summary.diff = compare_after(settings, folder.path, say)
     return summary
+
+
+def check_compare_to(settings: Settings, out: Path) -> None:
+    """`--compare-to OUT_A` must be an earlier explain output and not this run's OUT: said before any work."""
+    if settings.compare_to is None:
+        return
+    earlier = Path(settings.compare_to)
+    if not (earlier / names.PREDICTIONS).is_file():
+        raise GradcamError(f"--compare-to {earlier}: no predictions.csv there; give the -o folder of an earlier run")
+    if earlier.resolve() == out.resolve():
+        raise GradcamError(f"--compare-to {earlier}: that is this run's own output folder")
+
+
+def compare_after(settings: Settings, out: Path, log: LogFn) -> DiffResult:
+    """The diff of this run (B) against `--compare-to` (A), into OUT/diff, with the diff's gates of
+    --fail-under/--fail-over (the audit checks the others)."""
+    gates = [g for g in gates_from(settings.fail_under, settings.fail_over) if g.key in DIFF_GATE_KEYS]
+    assert settings.compare_to is not None
+    return diff(settings.compare_to, out, gates=gates, log=log)
 
 
 def _run(

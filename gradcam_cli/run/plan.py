@@ -30,6 +30,7 @@ from gradcam_cli.config import Settings
 from gradcam_cli.data.device import resolve_decode
 from gradcam_cli.data.discover import ImageFile
 from gradcam_cli.errors import GradcamError
+from gradcam_cli.model.checkpoint import state_digest
 from gradcam_cli.model.forward import resolve_device
 from gradcam_cli.model.layers import choose_layers
 from gradcam_cli.model.loading import LoadedModel, load_model
@@ -52,6 +53,7 @@ class RunPlan:
     settings: Settings
     device: torch.device
     model: LoadedModel
+    weights_digest: str  # model.checkpoint.state_digest: which weights, whatever their source
     layers: Mapping[str, nn.Module]
     maps: tuple[str, ...]  # the CSV `layer` values: the layers, one fused map, or `input`
     selector: TargetSelector
@@ -90,6 +92,7 @@ class RunPlan:
             "files_from": s.files_from,
             "model": self.model.name,
             "weights": self.model.weights,
+            "weights_digest": self.weights_digest,
             "layers": list(self.layers),
             "method": s.method,
             # what the maps mean (compared on --resume); chunk_size only bounds memory
@@ -146,6 +149,7 @@ def plan_run(
     # load_model seeds the RNG (`seed`) so random init is the same in every run; the caller's RNG is restored
     with torch.random.fork_rng(devices=[]):
         loaded = load_model(settings)
+    digest = state_digest(loaded.model)
     loaded.model.to(device)
     if settings.channels_last:
         loaded.model.to(memory_format=torch.channels_last)
@@ -180,6 +184,7 @@ def plan_run(
         settings=settings,
         device=device,
         model=loaded,
+        weights_digest=digest,
         layers=layers,
         maps=maps,
         selector=selector,

@@ -28,12 +28,16 @@ class RunSummary:
     skipped: int = 0  # with --resume: images already explained by an earlier run (counted in `ok`)
     skipped_confident: int = 0  # with --only-below: images given a `skipped` row (their prediction only)
     audit: Any = None  # with --summary or gates: the `audit.AuditResult` written to summary.json
+    diff: Any = None  # with --compare-to: the `DiffResult` written to OUT/diff
     ranks: int = 1  # processes that shared the run (torchrun)
 
     @property
     def exit_code(self) -> int:
-        """3 when a --fail-under/--fail-over gate failed (it wins over 1), else 1 when images failed, else 0."""
+        """3 when a --fail-under/--fail-over gate failed (it wins over 1), else 1 when images failed, else 0.
+        With --compare-to, images that are in one run only do not change it: they are the diff's to report."""
         if self.audit is not None and self.audit.failed_gates:
+            return ExitCode.GATE_FAILED
+        if self.diff is not None and not all(g.passed for g in self.diff.gates):
             return ExitCode.GATE_FAILED
         return ExitCode.IMAGE_ERRORS if self.errors else ExitCode.OK
 
