@@ -406,8 +406,12 @@ def layers(model: str, config: str | None, input_size: int | None, show_all: boo
     report = model_layers(model, config, input_size)
     pick, (height, width) = report.auto_detected, report.input_size
     shown_config = f"; family config: configs/{report.family_config}" if report.family_config else ""
-    click.echo(f"{report.model}: input 3x{height}x{width}; auto-detected layer: {pick}{shown_config}")
-    click.echo("  '*' = spatial output, usable as --layer; '>' = the auto-detected one")
+    if report.family_default:
+        click.echo(f"{report.model}: input 3x{height}x{width}; default layer: {pick} ({report.family_default})")
+        click.echo("  '*' = spatial output, usable as --layer; '>' = the default one")
+    else:
+        click.echo(f"{report.model}: input 3x{height}x{width}; auto-detected layer: {pick}{shown_config}")
+        click.echo("  '*' = spatial output, usable as --layer; '>' = the auto-detected one")
     for info in report.layers:
         if not show_all and not info.spatial:
             continue
