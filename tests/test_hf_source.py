@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import assert_usage_error, invoke, no_network, rows_of
 
 from gradcam_cli import load_settings
 from gradcam_cli.model.hf_source import processor_cfg
 from gradcam_cli.model.layers import family_layer
 from gradcam_cli.model.loading import IMAGENET_MEAN, IMAGENET_STD, load_model
-from tests.helpers import assert_usage_error, invoke, no_network, rows_of
 
 transformers = pytest.importorskip("transformers")  # in the test extra
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import assert_usage_error, invoke, no_network, rows_of
 
 from gradcam_cli import load_settings
 from gradcam_cli.data.decode import decode_rgb, model_input
 from gradcam_cli.model.labels import imagenet_labels
 from gradcam_cli.model.layers import family_layer
 from gradcam_cli.model.loading import load_model
-from tests.helpers import assert_usage_error, invoke, no_network, rows_of
 
 timm = pytest.importorskip("timm")  # in the test extra; the import is what the tests below are about
 
