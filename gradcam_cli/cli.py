@@ -95,11 +95,15 @@ def main() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=str),
     help="YAML config; flags given on the command line win over it.",
 )
-@click.option("--model", help="torchvision model name (see `gradcam models`) or package.module:callable.")
+@click.option(
+    "--model",
+    help="torchvision model name (see `gradcam models`), package.module:callable, timm:NAME (a timm model) or "
+    "hf:PATH_OR_REPO_ID (a Hugging Face image classifier).",
+)
 @click.option(
     "--weights",
     help="DEFAULT, a weights enum name (IMAGENET1K_V2), none, or a checkpoint path. "
-    "[default: DEFAULT for torchvision models, none for factories]",
+    "[default: DEFAULT for torchvision, timm and hf models, none for factories]",
 )
 @click.option(
     "--layer",
