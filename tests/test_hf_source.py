@@ -233,6 +233,8 @@ def test_a_repo_id_from_the_cache(folders: dict[str, Path], offline: Path, photo
     shutil.copytree(folders["vit"], snapshot)
     explain_hf(photos, tmp_path / "out", "hf:acme/tiny-vit", "-q")
     assert {r["pred_label"] for r in rows_of(tmp_path / "out")} <= set(NAMES.values())
+    info = json.loads((tmp_path / "out" / "run.json").read_text(encoding="utf-8"))
+    assert info["weights"] == "DEFAULT (acme/tiny-vit snapshot feedface)"
 
 
 def test_checkpoint_path(folders: dict[str, Path], tmp_path: Path) -> None:

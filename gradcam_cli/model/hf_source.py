@@ -203,7 +203,9 @@ def load_hf(spec: str, settings: Settings) -> SourceModel:
         raise GradcamError(f"model 'hf:{spec}': transformers returned {type(model).__name__}, not an nn.Module")
     notes: list[str] = []
     if weights.upper() == "DEFAULT":
-        weights = f"DEFAULT ({folder})"
+        # a cached repo: its id and snapshot, not the cache's path (which differs from machine to machine)
+        cached = folder != Path(spec).expanduser()
+        weights = f"DEFAULT ({spec} snapshot {folder.name})" if cached else f"DEFAULT ({folder})"
     elif weights.lower() == "none":
         weights = "none"
     else:
