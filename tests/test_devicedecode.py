@@ -100,8 +100,8 @@ def _png(rgb: np.ndarray) -> bytes:
 def test_device_input_matches_pillow_input(name: str, spec: InputSpec) -> None:
     """Real photos: torchvision decode + interpolate(antialias) against Pillow decode + resize (the reference).
 
-    Measured on these photos: at most a few grey levels apart, under 0.5 on average (bicubic: up to 7 at
-    grace_hopper.jpg's sharpest edges, where the filter overshoots and both clamp, 0.15 on average)."""
+    Measured on these photos: at most a few grey levels apart, under 0.5 on average (bicubic a little further
+    at the sharpest edges, where the filter overshoots and both clamp to 0-255)."""
     path = REPO / "sample_images" / name
     img = decode_rgb(path)
     reference, _box = model_input(img, spec)

@@ -58,8 +58,8 @@ def resize_crop(img: Tensor, geo: Geometry, interpolation: str = "bilinear") -> 
     """(3, H, W) uint8 -> (3, h, w) uint8 model input: `decode.model_input`'s geometry, PIL-like filtering.
 
     `interpolation` is bilinear or bicubic; with antialias=True torch widens the kernel when shrinking and
-    uses Pillow's cubic coefficient (a = -0.5), so both filters follow Pillow's (measured in
-    tests/test_devicedecode.py: a few grey levels apart at most, under 0.5 on average).
+    uses Pillow's cubic coefficient (a = -0.5), so both filters follow Pillow's up to rounding (how closely:
+    tests/test_devicedecode.py).
     Pillow's crop pads with zeros where the crop box leaves the resized image (it can only by rounding);
     the same here.
     """

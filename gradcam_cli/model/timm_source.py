@@ -129,6 +129,8 @@ def load_timm(name: str, settings: Settings) -> SourceModel:
         weights = "none"
     else:
         weights, checkpoint = spec, Path(spec)
+        if not checkpoint.is_file():  # before building what may be a large model
+            raise GradcamError(f"--weights {spec}: no such file (and not 'none' or 'DEFAULT')")
     if settings.input_size is not None and "img_size" not in kwargs:
         model = _build(timm, name, kwargs, **extra)
         built = _img_size(model)
