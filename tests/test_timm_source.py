@@ -208,3 +208,12 @@ def test_without_timm_installed_says_which_extra(photos: Path, tmp_path: Path, m
     monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm gives on import
     result = invoke("explain", photos, "-o", tmp_path / "out", "--model", "timm:resnet18", "--weights", "none")
     assert_usage_error(result, "needs the timm package", 'pip install "gradcam-cli[timm]"')
+
+
+def test_a_crop_mode_that_is_not_reproduced_is_said() -> None:
+    overlay = {"pretrained_cfg_overlay": {"crop_mode": "squash", "crop_pct": 0.8}}
+    loaded = load_model(
+        load_settings(None, model="timm:resnet18", weights="none", preprocess="crop", model_kwargs=overlay)
+    )
+    assert (loaded.spec.mode, loaded.spec.resize_size) == ("crop", 280)  # 224 / 0.8
+    assert any("crop_mode 'squash'" in n for n in loaded.notes)

@@ -141,7 +141,14 @@ def load_timm(name: str, settings: Settings) -> SourceModel:
         model = _build(timm, name, kwargs, **extra)
     if checkpoint is not None:
         notes += load_checkpoint(model, checkpoint)
-    return SourceModel(model, weights, _labels(timm, model), _preprocessing(model), notes)
+    preprocessing = _preprocessing(model)
+    mode = preprocessing.get("crop_mode")
+    if settings.preprocess == "crop" and mode not in (None, "center"):
+        notes.append(
+            f"timm's {name} was evaluated with crop_mode '{mode}'; --preprocess crop resizes the short side and "
+            "crops the center"
+        )
+    return SourceModel(model, weights, _labels(timm, model), preprocessing, notes)
 
 
 def _preprocessing(model: nn.Module) -> Mapping[str, Any]:
