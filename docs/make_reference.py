@@ -35,9 +35,11 @@ PROG = "gradcam"
 # Longer notes on `gradcam explain` options, keyed by the option's Click parameter name (= its config key).
 NOTES: dict[str, str] = {
     "model": (
-        "A torchvision classification model name (`gradcam models` lists them) or `package.module:callable` "
-        "returning an `nn.Module` (the module must be importable: installed, or on `PYTHONPATH`; timm: "
-        "`timm:create_model` with `model_name` in `model_kwargs`). Quantized variants (`quantized_resnet18`, ...) "
+        "A torchvision classification model name (`gradcam models` lists them), `package.module:callable` "
+        "returning an `nn.Module` (the module must be importable: installed, or on `PYTHONPATH`), "
+        "`timm:NAME` (a timm model, the `timm` extra: [timm models](models.md#timm-models)) or "
+        "`hf:PATH_OR_REPO_ID` (a Hugging Face image classifier, the `hf` extra: "
+        "[Hugging Face models](models.md#hugging-face-models)). Quantized variants (`quantized_resnet18`, ...) "
         "and detection/segmentation/video models stop with one line saying why and what to use instead. "
         "See [models](models.md)."
     ),
@@ -45,7 +47,8 @@ NOTES: dict[str, str] = {
         "`DEFAULT`, a weights enum name (`IMAGENET1K_V2`, also `ResNet50_Weights.IMAGENET1K_V2`), `none` (random "
         "init, or the factory's own), or a path to a checkpoint: see [checkpoints](models.md#checkpoints). "
         "torchvision weights are read from the torch hub cache (`~/.cache/torch/hub/checkpoints`, or "
-        "`$TORCH_HOME`)."
+        "`$TORCH_HOME`); `timm:NAME`'s `DEFAULT` from the Hugging Face cache; `hf:`'s `DEFAULT` is the model "
+        "folder's own. Nothing is downloaded for timm and hf models."
     ),
     "target_layers": (
         "Dotted module path with integer indexes: `layer4`, `layer4.-1`, `layer4[-1]`, `features.denseblock4`, "

@@ -71,22 +71,27 @@ class LayerReport:
     model: str
     input_size: tuple[int, int]
     layers: list[LayerInfo]
-    auto_detected: str
+    auto_detected: str  # the layer a run without --layer uses: the family default when there is one
     family_config: str | None
+    family_default: str | None = None  # why, when `auto_detected` is a timm / Hugging Face family's layer
 
 
 def layers(model: str, config: str | Path | None = None, input_size: int | None = None) -> LayerReport:
-    """`model`'s modules with their output shapes for a dummy input (random weights) and the auto-detected layer;
-    `config` for model_kwargs, num_classes or input_size of a factory."""
+    """`model`'s modules with their output shapes for a dummy input (random weights) and the layer a run would
+    use (auto-detected, or a timm / Hugging Face family's default); `config` for model_kwargs, num_classes or
+    input_size of a factory."""
     settings = load_settings(config, model=model, weights="none", input_size=input_size)  # before torch loads
     from gradcam_cli.model.catalog import family_config
-    from gradcam_cli.model.layers import inspect_layers
+    from gradcam_cli.model.layers import family_layer, inspect_layers
     from gradcam_cli.model.loading import load_model
 
     loaded = load_model(settings)
     infos, pick = inspect_layers(loaded.model, loaded.spec.size)
     family = family_config(model) if ":" not in model else None
-    return LayerReport(loaded.name, loaded.spec.size, infos, pick, family)
+    default = family_layer(loaded.model, loaded.spec.size)
+    if default is None:
+        return LayerReport(loaded.name, loaded.spec.size, infos, pick, family)
+    return LayerReport(loaded.name, loaded.spec.size, infos, default[0], family, default[1])
 
 
 def __getattr__(name: str) -> Any:

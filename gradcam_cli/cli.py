@@ -99,11 +99,15 @@ def main() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=str),
     help="YAML config; flags given on the command line win over it.",
 )
-@click.option("--model", help="torchvision model name (see `gradcam models`) or package.module:callable.")
+@click.option(
+    "--model",
+    help="torchvision model name (see `gradcam models`), package.module:callable, timm:NAME (a timm model) or "
+    "hf:PATH_OR_REPO_ID (a Hugging Face image classifier).",
+)
 @click.option(
     "--weights",
     help="DEFAULT, a weights enum name (IMAGENET1K_V2), none, or a checkpoint path. "
-    "[default: DEFAULT for torchvision models, none for factories]",
+    "[default: DEFAULT for torchvision, timm and hf models, none for factories]",
 )
 @click.option(
     "--layer",
@@ -520,8 +524,12 @@ def layers(model: str, config: str | None, input_size: int | None, show_all: boo
     report = model_layers(model, config, input_size)
     pick, (height, width) = report.auto_detected, report.input_size
     shown_config = f"; family config: configs/{report.family_config}" if report.family_config else ""
-    click.echo(f"{report.model}: input 3x{height}x{width}; auto-detected layer: {pick}{shown_config}")
-    click.echo("  '*' = spatial output, usable as --layer; '>' = the auto-detected one")
+    if report.family_default:
+        click.echo(f"{report.model}: input 3x{height}x{width}; default layer: {pick} ({report.family_default})")
+        click.echo("  '*' = spatial output, usable as --layer; '>' = the default one")
+    else:
+        click.echo(f"{report.model}: input 3x{height}x{width}; auto-detected layer: {pick}{shown_config}")
+        click.echo("  '*' = spatial output, usable as --layer; '>' = the auto-detected one")
     for info in report.layers:
         if not show_all and not info.spatial:
             continue

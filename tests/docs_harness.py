@@ -11,7 +11,8 @@ Rules (the docs are written to them):
   it is reached, so the commands after it use exactly what the page shows. Other yaml, ```text and ```console
   blocks are output or illustration and are not run.
 - All of it runs in one temporary working folder, made once for tests/test_docs.py (`prepare_workspace`): copies
-  of sample_images/ and configs/ plus the small inputs, checkpoints and files the examples name. Pages run one
+  of sample_images/ and configs/ plus the small inputs, checkpoints, files and the Hugging Face model folder
+  (`models/vit-finetuned`) the examples name. Pages run one
   after the other (README.md, then docs/*.md by name) and share it, so a page must not rely on another's files.
 
 How each kind of command is handled is decided in one place, COMMAND_KINDS below.
@@ -302,7 +303,50 @@ def prepare_workspace(root: Path) -> Path:
         for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
             del sys.modules[name]
     torch.save({"state_dict": state}, root / "ckpt.pt")
+    save_hf_classifier(root / "models" / "vit-finetuned")
     return root
+
+
+# The Hugging Face classifier the examples load with `--model hf:models/vit-finetuned`: what `save_pretrained`
+# writes for a fine-tuned ViT (config.json with the class names, the weights) plus its image processor's
+# preprocessor_config.json; tiny (2 layers, 64 px) and random, since only that the run works is checked.
+HF_PROCESSOR = {
+    "image_processor_type": "ViTImageProcessor",
+    "do_resize": True,
+    "size": {"height": 64, "width": 64},
+    "resample": 2,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+
+
+def save_hf_classifier(folder: Path) -> None:
+    """A tiny ViTForImageClassification with class names, saved to `folder` (when transformers is there)."""
+    import json
+
+    import torch
+
+    try:
+        import transformers
+    except ImportError:
+        return  # the examples that need it then fail and say so
+    names = ["tabby", "espresso", "lighthouse"]
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=64,
+        patch_size=16,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )
+    torch.manual_seed(0)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.ViTForImageClassification(config).save_pretrained(str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps(HF_PROCESSOR), encoding="utf-8")
 
 
 def ensure_hub_weights(model: str | None, weights: str | None, hub: Path) -> None:
@@ -341,7 +385,8 @@ def ensure_hub_weights(model: str | None, weights: str | None, hub: Path) -> Non
 
 @contextmanager
 def offline_torch_hub(torch_home: Path) -> Iterator[None]:
-    """TORCH_HOME for the examples, a download that fails at once like an offline machine's, one torch thread.
+    """TORCH_HOME and an empty Hugging Face cache (HF_HUB_CACHE, under it) for the examples, a download that fails
+    at once like an offline machine's, one torch thread.
 
     One intra-op thread: these runs are small, and on a busy 2-core machine two threads spin against other
     processes (measured here: a resnet50 forward of one image 2.6 s with 2 threads, 0.13 s with 1).
@@ -351,10 +396,11 @@ def offline_torch_hub(torch_home: Path) -> Iterator[None]:
     def offline(*args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("no network in the doc tests")
 
-    saved_env = {k: os.environ.get(k) for k in ("TORCH_HOME", "GRADCAM_DEBUG")}
+    saved_env = {k: os.environ.get(k) for k in ("TORCH_HOME", "HF_HUB_CACHE", "GRADCAM_DEBUG")}
     saved_download = torch.hub.download_url_to_file
     threads = torch.get_num_threads()
     os.environ["TORCH_HOME"] = str(torch_home)
+    os.environ["HF_HUB_CACHE"] = str(torch_home / "huggingface-hub")  # what this machine has cached is not used
     os.environ.pop("GRADCAM_DEBUG", None)
     torch.hub.download_url_to_file = offline  # type: ignore[assignment]
     torch.set_num_threads(1)

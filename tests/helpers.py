@@ -66,6 +66,19 @@ def one_line(exc: pytest.ExceptionInfo[GradcamError], prefix: str = "") -> str:
     return message
 
 
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every socket connection fail at once, as on a machine without network, so that a test which
+    reached for a model hub fails loudly instead of passing on a machine that happens to be online."""
+    import socket
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OSError("network access in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
 def rows_of(out: Path) -> list[dict[str, str]]:
     """OUT/predictions.csv as dicts of strings, decoded as strict UTF-8 (the file must always be valid UTF-8)."""
     with open(out / "predictions.csv", newline="", encoding="utf-8") as fh:

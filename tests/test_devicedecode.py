@@ -30,6 +30,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PHOTOS = ["china.jpg", "flower.jpg", "grace_hopper.jpg", "retina.jpg", "rocket.jpg"]
 FULL = InputSpec(size=(224, 224), resize_size=224, mean=(0.5,) * 3, std=(0.5,) * 3, mode="full")
 CROP = InputSpec(size=(224, 224), resize_size=256, mean=(0.5,) * 3, std=(0.5,) * 3, mode="crop")
+BICUBIC = InputSpec(
+    size=(224, 224), resize_size=249, mean=(0.5,) * 3, std=(0.5,) * 3, mode="crop", interpolation="bicubic"
+)
 
 
 def _jpeg(array: np.ndarray, **params: object) -> bytes:
@@ -92,20 +95,22 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("spec", [FULL, CROP], ids=["full", "crop"])
+@pytest.mark.parametrize("spec", [FULL, CROP, BICUBIC], ids=["full", "crop", "bicubic"])
 @pytest.mark.parametrize("name", PHOTOS)
 def test_device_input_matches_pillow_input(name: str, spec: InputSpec) -> None:
     """Real photos: torchvision decode + interpolate(antialias) against Pillow decode + resize (the reference).
 
-    Measured on these photos: at most a few grey levels apart, under 0.5 on average."""
+    Measured on these photos: at most a few grey levels apart, under 0.5 on average (bicubic a little further
+    at the sharpest edges, where the filter overshoots and both clamp to 0-255)."""
     path = REPO / "sample_images" / name
     img = decode_rgb(path)
     reference, _box = model_input(img, spec)
     decoded = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-    ours = resize_crop(decoded, _geometry(img.width, img.height, spec))
+    ours = resize_crop(decoded, _geometry(img.width, img.height, spec), spec.interpolation)
     diff = (ours.int() - torch.from_numpy(reference).int()).abs()
     assert ours.shape == reference.shape
-    assert diff.float().mean() < 0.5 and diff.max() <= 6, (float(diff.float().mean()), int(diff.max()))
+    largest = 8 if spec.interpolation == "bicubic" else 6
+    assert diff.float().mean() < 0.5 and diff.max() <= largest, (float(diff.float().mean()), int(diff.max()))
 
 
 def _geometry(width: int, height: int, spec: InputSpec):  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import Result
-from helpers import invoke, rows_of
+from helpers import assert_usage_error, invoke, rows_of
 from PIL import Image
 
 from gradcam_cli.audit.metrics import COLUMN_NAMES
@@ -214,6 +214,24 @@ def test_resume_of_a_complete_run_does_nothing_and_default_starts_fresh(
     assert (out / "heatmaps" / "p0.png.png").stat().st_ino != inode
     assert (out / "predictions.csv").read_bytes() == before
     assert "resume" not in json.loads((out / "run.json").read_text(encoding="utf-8"))
+
+
+def test_resume_of_a_run_json_without_the_resize_filter(photos: Path, tmp_path: Path, probe: list[str]) -> None:
+    """run.json of a version that did not record `interpolation` (it always resized bilinear) still resumes;
+    one that records another filter does not."""
+    (photos / "p3.png").unlink()
+    out = tmp_path / "out"
+    assert invoke("explain", photos, "-o", out, *probe).exit_code == 0
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["preprocessing"].pop("interpolation") == "bilinear"
+    (out / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    result = invoke("explain", photos, "-o", out, *probe, "--resume")
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["resume"] == {"skipped": 5}
+    info["preprocessing"]["interpolation"] = "bicubic"
+    (out / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    assert_usage_error(invoke("explain", photos, "-o", out, *probe, "--resume"), "preprocessing")
 
 
 def test_resume_from_the_config_and_no_resume_flag(photos: Path, tmp_path: Path) -> None:

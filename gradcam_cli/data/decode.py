@@ -237,10 +237,17 @@ def input_geometry(width: int, height: int, spec: InputSpec) -> Geometry:
     return Geometry((out_w, out_h), (0, 0, out_w, out_h), (0.0, 0.0, float(width), float(height)))
 
 
+PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
 def model_input(img: Image.Image, spec: InputSpec) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """(3, h, w) uint8 model input and the box (x0, y0, x1, y1) in original pixels that it shows."""
+    """(3, h, w) uint8 model input and the box (x0, y0, x1, y1) in original pixels that it shows.
+
+    Resized with Pillow's bilinear or bicubic filter (`spec.interpolation`); both widen their support when
+    shrinking, so a large photo is averaged rather than sampled.
+    """
     geo = input_geometry(img.width, img.height, spec)
-    resized = img.resize(geo.resized, Image.Resampling.BILINEAR)
+    resized = img.resize(geo.resized, PIL_FILTERS[spec.interpolation])
     if geo.crop != (0, 0, *geo.resized):
         resized = resized.crop(geo.crop)
     arr = np.asarray(resized)

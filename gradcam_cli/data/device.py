@@ -54,15 +54,18 @@ def orient(img: Tensor, orientation: int) -> Tensor:
     return img
 
 
-def resize_crop(img: Tensor, geo: Geometry) -> Tensor:
+def resize_crop(img: Tensor, geo: Geometry, interpolation: str = "bilinear") -> Tensor:
     """(3, H, W) uint8 -> (3, h, w) uint8 model input: `decode.model_input`'s geometry, PIL-like filtering.
 
+    `interpolation` is bilinear or bicubic; with antialias=True torch widens the kernel when shrinking and
+    uses Pillow's cubic coefficient (a = -0.5), so both filters follow Pillow's up to rounding (how closely:
+    tests/test_devicedecode.py).
     Pillow's crop pads with zeros where the crop box leaves the resized image (it can only by rounding);
     the same here.
     """
     width, height = geo.resized
     source = img[None].float()
-    resized = F.interpolate(source, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    resized = F.interpolate(source, size=(height, width), mode=interpolation, antialias=True, align_corners=False)
     left, top, right, bottom = geo.crop
     if (left, top, right, bottom) != (0, 0, width, height):
         pad = (max(0, -left), max(0, right - width), max(0, -top), max(0, bottom - height))
@@ -150,7 +153,7 @@ class DeviceDecoder:
                 continue
             self.decoded += 1
             img = orient(img, batch.encoded[p].orientation)  # type: ignore[union-attr]
-            inputs[p] = resize_crop(img, input_geometry(img.shape[2], img.shape[1], self.spec))
+            inputs[p] = resize_crop(img, input_geometry(img.shape[2], img.shape[1], self.spec), self.spec.interpolation)
             if self.keep_original:
                 originals[p] = img.permute(1, 2, 0).contiguous()
         batch.originals, batch.parts, batch.encoded = originals, inputs, [None] * n

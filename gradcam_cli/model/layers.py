@@ -213,9 +213,40 @@ def choose_layers(
     """The target layers of a run by canonical name: the `--layer` values, else auto-detected (logged)."""
     if specs:
         return dict(resolve_target(model, spec) for spec in specs)
+    family = family_layer(model, input_size)
+    if family is not None:
+        log(f"target layer: {family[0]} ({family[1]}; set --layer to change)")
+        return {family[0]: resolve_layer(model, family[0])[1]}
     name = catalog_layer(model, model_name, input_size) or auto_detect_layer(model, input_size, device)
     log(f"target layer: {name} (auto-detected: last spatial layer before pooling; set --layer to change)")
     return {name: resolve_layer(model, name)[1]}
+
+
+def family_layer(model: nn.Module, input_size: tuple[int, int]) -> tuple[str, str] | None:
+    """(layer, why) for a timm or Hugging Face model, the layer its family calls for; None for the rest.
+
+    Auto-detection answers "the last layer whose positions the score depends on", which for a timm ViT is
+    the last block's attention projection and for a Hugging Face ViT its value projection: maps of a linear
+    projection inside attention, not of the tokens the block passes on. The families' conventional layers
+    (`model.timm_source`, `model.hf_source`) are the ones a practitioner would pick.
+    """
+    package = type(model).__module__.split(".")[0]
+    if package == "timm":
+        from gradcam_cli.model.timm_source import timm_default_layer
+
+        found = timm_default_layer(model, input_size)
+    elif package == "transformers":
+        from gradcam_cli.model.hf_source import hf_default_layer
+
+        found = hf_default_layer(model)
+    else:
+        return None
+    if found is None:
+        return None
+    try:
+        return resolve_layer(model, found[0])[0], found[1]
+    except GradcamError:
+        return None
 
 
 def catalog_layer(model: nn.Module, model_name: str | None, input_size: tuple[int, int]) -> str | None:

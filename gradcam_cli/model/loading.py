@@ -26,6 +26,7 @@ from gradcam_cli.config import Settings
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.model.checkpoint import load_checkpoint, num_outputs
 from gradcam_cli.model.labels import imagenet_labels, read_labels
+from gradcam_cli.model.sources import load_external
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,6 +38,8 @@ class InputSpec:
 
     `full` resizes the whole image to `size` (H, W) so the heatmap covers every original pixel; `crop`
     resizes the short side to `resize_size` and center-crops `size`, as the weights' own transforms do.
+    `interpolation` is the resize filter (`INTERPOLATIONS`): bilinear unless a model source (timm's
+    `pretrained_cfg`, a Hugging Face image processor) asks for bicubic, as its weights were trained with.
     """
 
     size: tuple[int, int]
@@ -44,6 +47,10 @@ class InputSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     mode: str = "full"
+    interpolation: str = "bilinear"
+
+
+INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic")
 
 
 @dataclass
@@ -286,10 +293,15 @@ def _wake_zero_heads(model: nn.Module, name: str) -> list[str]:
 
 
 def _fixed_size(model: nn.Module) -> tuple[int, int] | None:
-    """The input size an architecture was built for, when it accepts no other (torchvision's ViT)."""
+    """The input size an architecture was built for, when it accepts no other (torchvision's ViT; timm's
+    patch embedding with `strict_img_size`, whose `img_size` model_kwargs may set apart from pretrained_cfg)."""
     size = getattr(model, "image_size", None)
     if isinstance(size, int) and not isinstance(size, bool):
         return (size, size)
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if getattr(embed, "strict_img_size", False) and isinstance(size, tuple) and len(size) == 2:
+        return (int(size[0]), int(size[1]))
     return None
 
 
@@ -302,13 +314,19 @@ def _model_cfg(model: nn.Module) -> Mapping[str, Any]:
     return {}
 
 
-def _input_spec(settings: Settings, member: Any, default_enum: Any, model: nn.Module) -> InputSpec:
+def _input_spec(
+    settings: Settings, member: Any, default_enum: Any, model: nn.Module, own_cfg: Mapping[str, Any] | None = None
+) -> InputSpec:
+    """The preprocessing: the config's keys over the weights' transforms, a model source's own cfg
+    (`own_cfg`, timm-style keys: input_size, crop_pct, mean, std, interpolation), or a factory model's
+    `pretrained_cfg`. Only a model source's cfg sets the interpolation: factories keep bilinear as before."""
     size = settings.input_size
     resize = None
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     source = member if member is not None else default_enum
     fixed = _fixed_size(model)
-    cfg = _model_cfg(model) if source is None else {}
+    cfg = own_cfg if own_cfg is not None else (_model_cfg(model) if source is None else {})
+    interpolation = own_cfg.get("interpolation") if own_cfg is not None else None
     if source is not None:
         tf = source.transforms()
         crop = tf.crop_size[0] if hasattr(tf, "crop_size") else 224
@@ -321,7 +339,7 @@ def _input_spec(settings: Settings, member: Any, default_enum: Any, model: nn.Mo
     elif cfg:
         shape = cfg.get("input_size")
         if isinstance(shape, (tuple, list)) and len(shape) == 3 and all(isinstance(v, int) for v in shape):
-            size = size or (int(shape[1]), int(shape[2]))
+            size = size or fixed or (int(shape[1]), int(shape[2]))
             crop_pct = cfg.get("crop_pct")
             if isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1 and settings.input_size is None:
                 resize = int(round(min(size) / crop_pct))
@@ -345,6 +363,7 @@ def _input_spec(settings: Settings, member: Any, default_enum: Any, model: nn.Mo
         mean=settings.mean or mean,  # type: ignore[arg-type]
         std=settings.std or std,  # type: ignore[arg-type]
         mode=settings.preprocess,
+        interpolation=interpolation if interpolation in INTERPOLATIONS else "bilinear",
     )
 
 
@@ -391,11 +410,17 @@ def load_model(settings: Settings) -> LoadedModel:
     """Turn settings.model/weights into an eval-mode model with its input spec and class names."""
     name = settings.model
     if not name:
-        raise GradcamError("no model given: pass --model NAME (a torchvision model or package.module:callable)")
-    default_enum = member = None
+        raise GradcamError(
+            "no model given: pass --model NAME (a torchvision name, timm:NAME, hf:PATH, module:callable or file.py:callable)"
+        )
+    default_enum = member = own_cfg = None
     # random init (`--weights none`, layers a checkpoint does not cover) is the same in every run
     torch.manual_seed(settings.seed)
-    if ":" in name:
+    external = load_external(name, settings)  # timm:NAME, hf:PATH_OR_REPO_ID (model/sources.py)
+    if external is not None:
+        model, weights, notes, labels = external.model, external.weights, external.notes, external.labels
+        own_cfg = external.cfg
+    elif ":" in name:
         model, weights, notes = _factory_model(name, settings)
         labels = list(getattr(model, "class_names", []) or [])
     else:
@@ -428,5 +453,5 @@ def load_model(settings: Settings) -> LoadedModel:
     elif not labels and classes == 1000:
         labels = imagenet_labels()
     model.eval()
-    spec = _input_spec(settings, member, default_enum, model)
+    spec = _input_spec(settings, member, default_enum, model, own_cfg)
     return LoadedModel(model=model, name=name, weights=weights, spec=spec, labels=labels, notes=notes)

@@ -62,6 +62,8 @@ def _check_settings(out: Path, manifest: Mapping[str, Any]) -> None:
     if not isinstance(previous, dict):
         raise GradcamError(f"--resume: {run_json} is not a run.json written by gradcam")
     now = json.loads(json.dumps(dict(manifest)))  # tuples -> lists, as they were stored
+    if isinstance(previous.get("preprocessing"), dict):  # recorded before the resize filter was: bilinear
+        previous["preprocessing"].setdefault("interpolation", "bilinear")
     for key in RESUME_KEYS:
         if previous.get(key) != now.get(key):
             raise GradcamError(
