@@ -411,7 +411,8 @@ def load_model(settings: Settings) -> LoadedModel:
     name = settings.model
     if not name:
         raise GradcamError(
-            "no model given: pass --model NAME (a torchvision name, timm:NAME, hf:PATH, module:callable or file.py:callable)"
+            "no model given: pass --model NAME (a torchvision name, timm:NAME, hf:PATH, module:callable or "
+            "file.py:callable)"
         )
     default_enum = member = own_cfg = None
     # random init (`--weights none`, layers a checkpoint does not cover) is the same in every run
