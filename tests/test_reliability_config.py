@@ -113,6 +113,7 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "only_below": [0.5, 1, 0],
     "sample_rate": [0.5, 1, "50%", 0],
     "files_from": ["list.txt", "-", ""],
+    "compare_to": ["earlier_out", ""],
     "dist_timeout": [0.5, 120, 0, -3],  # torchrun
     # CAM method options
     "counterfactual": [True, False],
