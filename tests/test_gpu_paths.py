@@ -19,7 +19,7 @@ from gradcam_cli.cam.engine import CamEngine, run_batch
 from gradcam_cli.cam.targets import TargetSelector
 from gradcam_cli.model.forward import autocast
 from gradcam_cli.render.colormaps import lut
-from gradcam_cli.render.overlay import Overlayer
+from gradcam_cli.render.overlay import Overlayer, blend
 
 
 def _model() -> torch.nn.Module:
@@ -291,7 +291,9 @@ def test_device_jpeg_path_gives_the_same_overlay_as_pillow() -> None:
     original, heat, table = _overlay_inputs()
     device_path = Overlayer(table, torch.device("cpu"), 0.5, device_codec=True)
     host_path = Overlayer(table, torch.device("cpu"), 0.5)
-    ours = Image.open(io.BytesIO(device_path.encoder(original, heat, heat.numpy())()))
+    encode = device_path.encoder(original, heat, heat.numpy())
+    device_path.flush()
+    ours = Image.open(io.BytesIO(encode()))
     pillow = Image.open(io.BytesIO(host_path.encoder(original, heat, heat.numpy())()))
     assert ours.format == "JPEG" and ours.size == pillow.size == (64, 48)
     assert device_path.device_codec and device_path.codec_failure is None
@@ -312,7 +314,43 @@ def test_device_jpeg_failure_falls_back_to_pillow_once(monkeypatch: pytest.Monke
     monkeypatch.setattr(torchvision.io, "encode_jpeg", no_nvjpeg)
     colours = Overlayer(table, torch.device("cpu"), 0.5, device_codec=True)
     for _ in range(3):
-        data = colours.encoder(original, heat, heat.numpy())()
-        assert Image.open(io.BytesIO(data)).format == "JPEG"
-    assert calls == [1] and not colours.device_codec
+        encode = colours.encoder(original, heat, heat.numpy())
+        colours.flush()
+        assert Image.open(io.BytesIO(encode())).format == "JPEG"
+    assert calls == [1] and not colours.device_codec  # the 16x16 test image, before the first overlay
     assert colours.codec_failure == "RuntimeError: encode_jpegs_cuda: torchvision not compiled with nvJPEG support"
+
+
+def test_device_jpegs_of_a_batch_in_one_call_and_a_failing_one_goes_to_pillow_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch's overlays are encoded in one list call. When one image makes the call fail (or the device runs
+    out of memory), the others are encoded there one by one, that one by Pillow; the device codec stays on
+    for the next batch."""
+    original, heat, table = _overlay_inputs()
+    odd = original.clone()
+    odd[0, 0] = torch.tensor([1, 2, 3], dtype=torch.uint8)  # the image the (simulated) encoder rejects
+    real = torchvision.io.encode_jpeg
+    calls: list[int] = []
+
+    def picky(images: list[torch.Tensor], quality: int) -> list[torch.Tensor]:
+        calls.append(len(images))
+        if any(bool((image[:, 0, 0] == odd_pixel).all()) for image in images):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(images, quality=quality)  # type: ignore[return-value]
+
+    odd_pixel = blend(odd, heat, torch.from_numpy(table), 0.5)[0, 0]
+    colours = Overlayer(table, torch.device("cpu"), 0.5, device_codec=True)
+    colours._codec_works(torch.device("cpu"))  # the start-up check, before the fault is injected
+    monkeypatch.setattr(torchvision.io, "encode_jpeg", picky)
+    encoders = [colours.encoder(o, heat, heat.numpy()) for o in (original, odd, original)]
+    colours.flush()
+    assert calls == [3, 1, 1, 1]  # the list call, then one by one
+    assert colours.device_codec and colours.codec_fallbacks == 1 and colours.codec_failure is None
+    pictures = [np.asarray(Image.open(io.BytesIO(encode())), dtype=np.int16) for encode in encoders]
+    assert np.array_equal(pictures[0], pictures[2])
+    assert np.abs(pictures[1] - pictures[0]).mean() < 3.0  # the same overlay, encoded by Pillow
+    calls.clear()
+    more = [colours.encoder(original, heat, heat.numpy()) for _ in range(2)]
+    colours.flush()
+    assert calls == [2] and all(Image.open(io.BytesIO(encode())).format == "JPEG" for encode in more)
