@@ -354,3 +354,41 @@ def test_device_jpegs_of_a_batch_in_one_call_and_a_failing_one_goes_to_pillow_al
     more = [colours.encoder(original, heat, heat.numpy()) for _ in range(2)]
     colours.flush()
     assert calls == [2] and all(Image.open(io.BytesIO(encode())).format == "JPEG" for encode in more)
+
+
+def test_metric_passes_halve_their_chunk_on_oom_after_releasing_the_failed_attempt() -> None:
+    """The metric passes' forward (deletion/insertion/drop chunks) goes through the batch's splitter: halves
+    after the failed attempt's tensors are gone, the same logits as in one piece."""
+    import gc
+    import weakref
+
+    from gradcam_cli.audit.evaluate import Evaluator
+    from gradcam_cli.config import Settings
+    from gradcam_cli.model.loading import InputSpec, LoadedModel
+
+    tiny = _tiny()
+    failed: list[weakref.ref[torch.Tensor]] = []
+    sizes: list[int] = []
+    alive_at_retry: list[bool] = []
+
+    class TightMemory(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            sizes.append(x.shape[0])
+            if x.shape[0] > 2:
+                held = torch.empty(1024, 1024)  # what the failed forward held
+                failed.append(weakref.ref(held))
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            gc.disable()
+            try:
+                alive_at_retry.append(any(ref() is not None for ref in failed))
+            finally:
+                gc.enable()
+            return tiny(x)
+
+    spec = InputSpec(size=(96, 96), resize_size=96, mean=(0.5,) * 3, std=(0.5,) * 3)
+    x = _inputs()
+    evaluator = Evaluator(Settings(), LoadedModel(TightMemory(), "tiny", "none", spec, []), torch.device("cpu"), None)
+    with torch.no_grad():
+        whole = tiny(x)
+    torch.testing.assert_close(evaluator.forward(x), whole)
+    assert sizes == [6, 3, 1, 2, 3, 1, 2] and not any(alive_at_retry)
