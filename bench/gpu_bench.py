@@ -21,6 +21,7 @@ table (and written to bench/results_gpu.md):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -33,6 +34,19 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 PY = sys.executable
+# what run.json says about how the device paths ran
+RUN_JSON_KEYS = (
+    "device",
+    "amp",
+    "decode",
+    "device_decoded",
+    "decode_device_error",
+    "overlay_jpeg",
+    "overlay_jpeg_device_error",
+    "overlay_jpeg_pillow_fallback",
+    "wall_seconds",
+    "stage_seconds",
+)
 
 
 def build_folder(copies: int) -> Path:
@@ -109,7 +123,7 @@ def main() -> int:
         raise SystemExit("bench/gpu_bench.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "none (a --device cpu smoke run)"
     folder = build_folder(args.copies)
-    n = sum(1 for p in folder.rglob("*") if p.is_file())
+    n = sum(1 for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     out = BENCH / "_out" / "gpu"
     lines = [
         "# gradcam-cli on a GPU",
@@ -180,9 +194,12 @@ def main() -> int:
             if a in work and b in work:
                 lines.append(f"| {a}/{b} | {work[a] / work[b]:.2f} |")
         lines.append("")
-        run_json = out / model / "B" / "run.json"
-        if run_json.exists():
-            lines += ["B's run.json:", "", "```", run_json.read_text(encoding="utf-8").strip()[-1500:], "```", ""]
+        for name in ("B", "B2"):
+            run_json = out / model / name / "run.json"
+            if run_json.exists():
+                manifest = json.loads(run_json.read_text(encoding="utf-8"))
+                shown = {k: manifest[k] for k in RUN_JSON_KEYS if k in manifest}
+                lines += [f"{name}'s run.json (last round):", "", "```json", json.dumps(shown, indent=1), "```", ""]
     text = "\n".join(lines)
     print(text)
     args.results.write_text(text + "\n", encoding="utf-8")
