@@ -234,14 +234,16 @@ class CamEngine:
 
     def _forward_replacing(self, name: str, x: Tensor, output: Tensor) -> Tensor:
         """Logits with layer `name`'s output replaced by `output` (whatever `x` gives up to there), in float32
-        even under --amp: `output` is cast up and autocast is off.
+        even under --amp: a bf16/fp16 `output` is cast up and autocast is off.
 
         Why not the batch's autocast: Ablation-CAM weighs a channel by y - y_k, the score drop when it is
         zeroed, and one channel of hundreds moves a logit by less than bf16 rounds it (8 bits of mantissa),
         so bf16 heads give weights that are mostly rounding (bench/results.md has the measured maps). The part
         after a target layer is usually a small share of the model, so float32 costs little there.
         """
-        with self._replacing(name, output.float()), autocast_as(x.device, None):
+        if output.dtype in (torch.float16, torch.bfloat16):
+            output = output.float()
+        with self._replacing(name, output), autocast_as(x.device, None):
             return logits_of(self.model(x))
 
     # -------------------------------------------------------------------------------------------- run
