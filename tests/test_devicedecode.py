@@ -183,6 +183,45 @@ def test_decoder_finishes_a_mixed_batch(tmp_path: Path, device: str, monkeypatch
     assert done.encoded == [None] * len(kept) and done.parts == []
 
 
+def test_an_image_the_device_cannot_resize_goes_to_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's antialiased resize refuses extreme downscales (shared memory): simulated here for the wide image
+    only. That image is decoded by Pillow (its input exactly the workers'), the others stay on the device."""
+    import gradcam_cli.data.device as dd
+
+    names = ["a.jpg", "wide.jpg", "b.jpg"]
+    for name, (w, h) in zip(names, [(64, 48), (400, 16), (48, 64)], strict=True):
+        (tmp_path / name).write_bytes(_jpeg(smooth_rgb(w, h)))
+    listed = [ImageFile(tmp_path / name, name) for name in names]
+    dataset = ImageDataset(listed, FULL, keep_original=True, device_decode=True)
+    batch = collate([dataset[i] for i in range(len(listed))])
+    real = dd.resize_crop
+
+    def shared_memory_limit(img: torch.Tensor, geo: object) -> torch.Tensor:
+        if img.shape[2] > 10 * img.shape[1]:
+            raise RuntimeError("CUDA error: too many resources requested for launch (simulated)")
+        return real(img, geo)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dd, "resize_crop", shared_memory_limit)
+    decoder = DeviceDecoder(FULL, torch.device("cpu"), True, lambda i: listed[i].path, None)
+    done = decoder.finish(batch)
+    assert done.indices == [0, 1, 2] and done.errors == []
+    assert (decoder.decoded, decoder.fallbacks) == (2, 1)
+    pillow = ImageDataset(listed, FULL, keep_original=True)[1]
+    assert done.inputs is not None and torch.equal(done.inputs[1], pillow.input)  # type: ignore[arg-type]
+    assert done.originals[1] is not None and tuple(done.originals[1].shape) == (16, 400, 3)
+
+
+def test_decode_time_waits_for_the_device_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage clock stops after torch.cuda.synchronize on CUDA (asynchronous kernels), never elsewhere."""
+    synced: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    for device in ("cpu", "cuda"):
+        decoder = DeviceDecoder(FULL, torch.device(device), False, lambda i: Path("unused"), None)
+        decoder._stop_clock(0.0)
+        assert decoder.seconds > 0
+    assert synced == [torch.device("cuda")]
+
+
 def _cut_scan(jpeg: bytes) -> bytes:
     """The JPEG with only 20 bytes of its scan data left, then the end marker."""
     sos = jpeg.index(b"\xff\xda")

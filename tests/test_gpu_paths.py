@@ -17,8 +17,9 @@ from PIL import Image
 from gradcam_cli import explain, load_settings
 from gradcam_cli.cam.engine import CamEngine, run_batch
 from gradcam_cli.cam.targets import TargetSelector
+from gradcam_cli.model.forward import autocast
 from gradcam_cli.render.colormaps import lut
-from gradcam_cli.render.overlay import Overlayer
+from gradcam_cli.render.overlay import Overlayer, blend
 
 
 def _model() -> torch.nn.Module:
@@ -29,6 +30,24 @@ def _model() -> torch.nn.Module:
 def _inputs() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(6, 3, 96, 96)
+
+
+def _tiny() -> torch.nn.Module:
+    """A small GAP + Linear classifier whose `layer` has 16 channels: the methods' own passes (one per
+    channel) stay cheap."""
+    from collections import OrderedDict
+
+    torch.manual_seed(3)
+    nn = torch.nn
+    return nn.Sequential(
+        OrderedDict(
+            stem=nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU()),
+            layer=nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU()),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            fc=nn.Linear(16, 10),
+        )
+    ).eval()
 
 
 def test_oom_halves_the_batch_and_keeps_every_image(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -98,6 +117,58 @@ def test_oom_on_a_single_image_is_raised(monkeypatch) -> None:  # type: ignore[n
             raise AssertionError("a single image that does not fit must raise, not vanish")
 
 
+def test_oom_in_the_batched_backward_splits_the_batch_and_keeps_it_batched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory in the vmapped backward is no reason to give up vmap: the batch is halved instead."""
+    model, x = _model(), _inputs()
+    selector = TargetSelector(["topk:2"], [])
+    real_grad = torch.autograd.grad
+    batched_rows: list[int] = []
+
+    def tight_memory(*args: object, **kwargs: object) -> object:
+        if kwargs.get("is_grads_batched"):
+            rows = kwargs["grad_outputs"].shape[1]  # type: ignore[union-attr]
+            batched_rows.append(rows)
+            if rows > 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_grad(*args, **kwargs)  # type: ignore[arg-type]
+
+    with CamEngine(model, {"layer4": model.layer4}, "gradcam") as engine:
+        whole = engine.run(x, selector)
+        monkeypatch.setattr(torch.autograd, "grad", tight_memory)
+        split = run_batch(engine, x, lambda a, b: selector)
+        assert engine.batched_backward
+    assert batched_rows == [6, 3, 3]
+    torch.testing.assert_close(split.cams["layer4"], whole.cams["layer4"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ablationcam", "scorecam"])
+def test_oom_in_a_methods_passes_halves_the_chunk(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ablation-CAM's head and Score-CAM's masked forwards: out of memory halves the chunk's rows (same maps);
+    Ablation-CAM keeps its cheapest way of running the head instead of moving to full-size copies."""
+    model, x = _tiny(), _inputs()[:2]
+    selector = TargetSelector(["pred"], [])
+    name = "_forward_replacing" if method == "ablationcam" else "_forward"
+    real = getattr(CamEngine, name)
+    rows: list[int] = []
+
+    def tight_memory(self: CamEngine, *args: torch.Tensor) -> torch.Tensor:
+        n = args[-1].shape[0]
+        if self._capture is False and n > 1:
+            rows.append(n)
+            if n > 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *args)
+
+    with CamEngine(model, {"layer": model.layer}, method, chunk_size=8) as engine:
+        whole = engine.run(x, selector)
+        monkeypatch.setattr(CamEngine, name, tight_memory)
+    with CamEngine(model, {"layer": model.layer}, method, chunk_size=8) as engine:
+        split = run_batch(engine, x, lambda a, b: selector)
+        assert getattr(engine.method, "prefix", "single") == "single"
+    assert 8 in rows and max(r for r in rows if r != 8) <= 4
+    torch.testing.assert_close(split.cams["layer"], whole.cams["layer"], rtol=1e-4, atol=1e-6)
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min())
 
@@ -111,6 +182,60 @@ def test_bf16_autocast_gives_float32_maps_close_to_full_precision() -> None:
     cams = half.cams["layer4"]
     assert cams.dtype == torch.float32 and torch.isfinite(cams).all()
     assert _cosine(cams, full.cams["layer4"]) > 0.9
+
+
+def _fc_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
+    """The dtype of every output of the model's final Linear layer from now on (a forward hook)."""
+    seen: list[torch.dtype] = []
+    model.fc.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    return seen
+
+
+def test_methods_own_passes_under_bf16_autocast() -> None:
+    """Score-CAM's masked forwards run under the batch's autocast (whole forwards: what --amp speeds up);
+    Ablation-CAM's head forwards take the bf16 activation but run in float32 (score drops below bf16's
+    rounding). Both give float32 maps close to full precision."""
+    x, selector = _inputs()[:2], TargetSelector(["pred"], [])
+    for method, pass_dtype in (("scorecam", torch.bfloat16), ("ablationcam", torch.float32)):
+        model = _tiny()
+        with CamEngine(model, {"layer": model.layer}, method, chunk_size=8) as engine:
+            full = engine.run(x, selector).cams["layer"]
+            seen = _fc_dtypes(model)
+            half = run_batch(engine, x, lambda a, b: selector, amp="bf16").cams["layer"]
+        assert seen[0] == torch.bfloat16  # the batch's forward
+        assert len(seen) > 2 and set(seen[1:]) == {pass_dtype}, (method, set(seen[1:]))
+        assert half.dtype == torch.float32 and _cosine(half, full) > 0.95, method
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_probe_runs_the_first_chunk_of_a_methods_passes(method: str) -> None:
+    """The start-up probe (engine.check) runs one chunk of the method's own passes under the caller's autocast,
+    so what fails there fails before OUT is prepared, and it leaves the method as it found it."""
+    model = _tiny()
+    with CamEngine(model, {"layer": model.layer}, method, chunk_size=8) as engine:
+        seen = _fc_dtypes(model)
+        prefix = getattr(engine.method, "prefix", None)
+        with autocast(torch.device("cpu"), "bf16"):
+            result = engine.check(torch.zeros(1, 3, 64, 64), TargetSelector(["pred"], []))
+        assert getattr(engine.method, "prefix", None) == prefix
+    assert len(seen) == 2  # the probe's forward, then one chunk (8 rows) in one forward
+    assert result.cams["layer"].shape == (1, 1, 16, 16) and not result.cams["layer"].any()
+
+
+def test_a_failing_pass_stops_the_run_before_out_is_prepared(
+    tmp_path: Path, make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradcam_cli.cam.methods.ablation import AblationCam
+
+    def broken_head(*args: object) -> torch.Tensor:
+        raise RuntimeError("mat1 and mat2 must have the same dtype (simulated)")
+
+    monkeypatch.setattr(AblationCam, "head", broken_head)
+    make_image(tmp_path / "in" / "a.png")
+    settings = load_settings(None, model="resnet18", weights="none", input_size=64, workers=0, device="cpu")
+    with pytest.raises(RuntimeError, match="simulated"):
+        explain([tmp_path / "in"], tmp_path / "out", settings.replace(method="ablationcam", amp="bf16"))
+    assert not (tmp_path / "out" / "run.json").exists()
 
 
 def test_channels_last_gives_the_same_maps() -> None:
@@ -166,7 +291,9 @@ def test_device_jpeg_path_gives_the_same_overlay_as_pillow() -> None:
     original, heat, table = _overlay_inputs()
     device_path = Overlayer(table, torch.device("cpu"), 0.5, device_codec=True)
     host_path = Overlayer(table, torch.device("cpu"), 0.5)
-    ours = Image.open(io.BytesIO(device_path.encoder(original, heat, heat.numpy())()))
+    encode = device_path.encoder(original, heat, heat.numpy())
+    device_path.flush()
+    ours = Image.open(io.BytesIO(encode()))
     pillow = Image.open(io.BytesIO(host_path.encoder(original, heat, heat.numpy())()))
     assert ours.format == "JPEG" and ours.size == pillow.size == (64, 48)
     assert device_path.device_codec and device_path.codec_failure is None
@@ -187,7 +314,81 @@ def test_device_jpeg_failure_falls_back_to_pillow_once(monkeypatch: pytest.Monke
     monkeypatch.setattr(torchvision.io, "encode_jpeg", no_nvjpeg)
     colours = Overlayer(table, torch.device("cpu"), 0.5, device_codec=True)
     for _ in range(3):
-        data = colours.encoder(original, heat, heat.numpy())()
-        assert Image.open(io.BytesIO(data)).format == "JPEG"
-    assert calls == [1] and not colours.device_codec
+        encode = colours.encoder(original, heat, heat.numpy())
+        colours.flush()
+        assert Image.open(io.BytesIO(encode())).format == "JPEG"
+    assert calls == [1] and not colours.device_codec  # the 16x16 test image, before the first overlay
     assert colours.codec_failure == "RuntimeError: encode_jpegs_cuda: torchvision not compiled with nvJPEG support"
+
+
+def test_device_jpegs_of_a_batch_in_one_call_and_a_failing_one_goes_to_pillow_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch's overlays are encoded in one list call. When one image makes the call fail (or the device runs
+    out of memory), the others are encoded there one by one, that one by Pillow; the device codec stays on
+    for the next batch."""
+    original, heat, table = _overlay_inputs()
+    odd = original.clone()
+    odd[0, 0] = torch.tensor([1, 2, 3], dtype=torch.uint8)  # the image the (simulated) encoder rejects
+    real = torchvision.io.encode_jpeg
+    calls: list[int] = []
+
+    def picky(images: list[torch.Tensor], quality: int) -> list[torch.Tensor]:
+        calls.append(len(images))
+        if any(bool((image[:, 0, 0] == odd_pixel).all()) for image in images):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(images, quality=quality)  # type: ignore[return-value]
+
+    odd_pixel = blend(odd, heat, torch.from_numpy(table), 0.5)[0, 0]
+    colours = Overlayer(table, torch.device("cpu"), 0.5, device_codec=True)
+    colours._codec_works(torch.device("cpu"))  # the start-up check, before the fault is injected
+    monkeypatch.setattr(torchvision.io, "encode_jpeg", picky)
+    encoders = [colours.encoder(o, heat, heat.numpy()) for o in (original, odd, original)]
+    colours.flush()
+    assert calls == [3, 1, 1, 1]  # the list call, then one by one
+    assert colours.device_codec and colours.codec_fallbacks == 1 and colours.codec_failure is None
+    pictures = [np.asarray(Image.open(io.BytesIO(encode())), dtype=np.int16) for encode in encoders]
+    assert np.array_equal(pictures[0], pictures[2])
+    assert np.abs(pictures[1] - pictures[0]).mean() < 3.0  # the same overlay, encoded by Pillow
+    calls.clear()
+    more = [colours.encoder(original, heat, heat.numpy()) for _ in range(2)]
+    colours.flush()
+    assert calls == [2] and all(Image.open(io.BytesIO(encode())).format == "JPEG" for encode in more)
+
+
+def test_metric_passes_halve_their_chunk_on_oom_after_releasing_the_failed_attempt() -> None:
+    """The metric passes' forward (deletion/insertion/drop chunks) goes through the batch's splitter: halves
+    after the failed attempt's tensors are gone, the same logits as in one piece."""
+    import gc
+    import weakref
+
+    from gradcam_cli.audit.evaluate import Evaluator
+    from gradcam_cli.config import Settings
+    from gradcam_cli.model.loading import InputSpec, LoadedModel
+
+    tiny = _tiny()
+    failed: list[weakref.ref[torch.Tensor]] = []
+    sizes: list[int] = []
+    alive_at_retry: list[bool] = []
+
+    class TightMemory(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            sizes.append(x.shape[0])
+            if x.shape[0] > 2:
+                held = torch.empty(1024, 1024)  # what the failed forward held
+                failed.append(weakref.ref(held))
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            gc.disable()
+            try:
+                alive_at_retry.append(any(ref() is not None for ref in failed))
+            finally:
+                gc.enable()
+            return tiny(x)
+
+    spec = InputSpec(size=(96, 96), resize_size=96, mean=(0.5,) * 3, std=(0.5,) * 3)
+    x = _inputs()
+    evaluator = Evaluator(Settings(), LoadedModel(TightMemory(), "tiny", "none", spec, []), torch.device("cpu"), None)
+    with torch.no_grad():
+        whole = tiny(x)
+    torch.testing.assert_close(evaluator.forward(x), whole)
+    assert sizes == [6, 3, 1, 2, 3, 1, 2] and not any(alive_at_retry)

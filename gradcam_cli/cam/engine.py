@@ -39,7 +39,7 @@ from gradcam_cli.cam.methods import check_options
 from gradcam_cli.cam.methods.base import CamMethod, EngineOptions, GradientFn, LayerContext, build_method
 from gradcam_cli.cam.relu_swap import guided_relus
 from gradcam_cli.errors import GradcamError
-from gradcam_cli.model.forward import autocast, logits_of, split_on_oom
+from gradcam_cli.model.forward import autocast, autocast_as, autocast_dtype, logits_of, split_on_oom
 from gradcam_cli.model.layers import INPUT_SUFFIX
 from gradcam_cli.model.layouts import Layout, infer_layout, token_hint
 
@@ -138,6 +138,7 @@ class CamEngine:
         self.batched_backward = True  # becomes False once vmap over the backward failed for this model
         self.backward_passes = 0  # autograd.grad calls so far (tests and benchmarks read it)
         self._low_precision = False
+        self._amp: torch.dtype | None = None  # the autocast dtype of the batch's forward (--amp), for the passes
         # token sequences and channels-last maps are viewed as (B, C, h, w) for the method (see `layouts`)
         self._hint = token_hint(model)
         self._input_hw: tuple[int, int] = (0, 0)
@@ -223,21 +224,36 @@ class CamEngine:
             self._replace = None
 
     def _forward(self, x: Tensor) -> Tensor:
-        """Logits of another input, the hooks passing everything through (a method's own passes)."""
-        return logits_of(self.model(x))
+        """Logits of another input, the hooks passing everything through (a method's own passes).
+
+        Under the batch's autocast (--amp), so Score-CAM's masked forwards, whole forwards of the model, run as
+        fast as the batch's own; the maps are computed in float32 around them.
+        """
+        with autocast_as(x.device, self._amp):
+            return logits_of(self.model(x))
 
     def _forward_replacing(self, name: str, x: Tensor, output: Tensor) -> Tensor:
-        """Logits with layer `name`'s output replaced by `output` (whatever `x` gives up to there)."""
-        with self._replacing(name, output):
+        """Logits with layer `name`'s output replaced by `output` (whatever `x` gives up to there), in float32
+        even under --amp: a bf16/fp16 `output` is cast up and autocast is off.
+
+        Why not the batch's autocast: Ablation-CAM weighs a channel by y - y_k, the score drop when it is
+        zeroed, and one channel of hundreds moves a logit by less than bf16 rounds it (8 bits of mantissa),
+        so bf16 heads give weights that are mostly rounding (bench/results.md has the measured maps). The part
+        after a target layer is usually a small share of the model, so float32 costs little there.
+        """
+        if output.dtype in (torch.float16, torch.bfloat16):
+            output = output.float()
+        with self._replacing(name, output), autocast_as(x.device, None):
             return logits_of(self.model(x))
 
     # -------------------------------------------------------------------------------------------- run
 
     def check(self, x: Tensor, select_targets: Callable[[Tensor], Tensor]) -> CamResult:
-        """A cheap dry run on `x`: layers, targets, GAP+FC for `cam`, gradient paths; skips the costly passes.
+        """A cheap dry run on `x`: layers, targets, GAP+FC for `cam`, gradient paths, and the first chunk of a
+        method's own passes (`CamMethod.probe_passes`), under the caller's autocast.
 
-        Returns the per-layer maps (not fused; all zero for methods with passes of their own, which are
-        skipped), so the caller can check their sizes.
+        Returns the per-layer maps (not fused; all zero for methods with passes of their own, which are only
+        tried), so the caller can check their sizes.
         """
         raw = self._run(x, select_targets, None, probe=True)
         return CamResult(logits=raw.logits, probs=raw.logits.softmax(dim=1), targets=raw.targets, cams=raw.cams)
@@ -292,6 +308,7 @@ class CamEngine:
         needs_grad = spec.layer_grads or spec.input_grads
         self._acts.clear()
         self._input_hw = (int(x.shape[-2]), int(x.shape[-1]))
+        self._amp = autocast_dtype(x.device)
         try:
             with contextlib.ExitStack() as stack:
                 if spec.input_grads:
@@ -385,7 +402,11 @@ class CamEngine:
         return out
 
     def _batched_grads(self, logits: Tensor, seeds: Tensor, wrt: Sequence[Tensor]) -> Sequence[Tensor | None] | None:
-        """One vmapped backward for all slots; None (and no more tries) when vmap cannot batch this model."""
+        """One vmapped backward for all slots; None (and no more tries) when vmap cannot batch this model.
+
+        Running out of device memory says nothing about vmap: it is raised to the batch splitter (`run_batch`),
+        and the halves try the batched backward again.
+        """
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -393,6 +414,8 @@ class CamEngine:
                 grads = torch.autograd.grad(
                     logits, list(wrt), grad_outputs=seeds, is_grads_batched=True, retain_graph=True, allow_unused=True
                 )
+            except torch.cuda.OutOfMemoryError:
+                raise
             except RuntimeError:
                 self.batched_backward = False
                 return None
@@ -417,7 +440,7 @@ class CamEngine:
         probe: bool,
     ) -> dict[str, Tensor]:
         """Per layer (B, T, h, w) maps: the method's, from what this pass captured (zeros for a probe of a
-        method whose own passes are skipped)."""
+        method with passes of its own, after it ran their first chunk)."""
         b, t = targets.shape
         cams: dict[str, Tensor] = {}
         for li, name in enumerate(names):
@@ -425,9 +448,6 @@ class CamEngine:
             raw = acts[li].detach()
             a = layout.to_nchw(raw).float()  # (B, K, h, w) whatever the layer's own layout
             k, h, w = a.shape[1:]
-            if probe and self.spec.extra_passes:
-                cams[name] = torch.zeros(b, t, h, w, device=a.device)
-                continue
             g = None
             if layer_grads:
                 g = layout.to_nchw(layer_grads[li].flatten(0, 1)).reshape(t, b, k, h, w)
@@ -435,7 +455,11 @@ class CamEngine:
             replacing = partial(self._forward_replacing, name)
             low = self._low_precision
             ctx = LayerContext(name, a, raw, layout, g, x, logits, targets, low, self.options, replacing)
-            cams[name] = self.method.layer_maps(ctx).view(b, t, h, w)
+            if probe and self.spec.extra_passes:
+                self.method.probe_passes(ctx)
+                cams[name] = torch.zeros(b, t, h, w, device=a.device)
+            else:
+                cams[name] = self.method.layer_maps(ctx).view(b, t, h, w)
         return cams
 
 

@@ -8,8 +8,8 @@ the PCIe bus at all. On the CPU the same path runs torchvision's libjpeg-turbo i
 what the tests exercise.
 
 Pillow stays the authority for everything else: a file the probe does not pass (PNG, CMYK, truncated, ...)
-was decoded by the worker as before, and a JPEG the device decoder rejects is decoded here by Pillow, so its
-error message (or its pixels) are the same as without this path.
+was decoded by the worker as before, and a JPEG the device decoder rejects (or that the device cannot resize)
+is decoded here by Pillow, so its error message (or its pixels) are the same as without this path.
 
 The model input differs from Pillow's by rounding only: the resize is `interpolate(antialias=True)`, which
 is written to match PIL's bilinear filter, and nvJPEG's IDCT is not libjpeg-turbo's (measured in
@@ -127,7 +127,7 @@ class DeviceDecoder:
         self.path_of = path_of
         self.max_pixels = max_pixels
         self.decoded = 0  # images decoded on the device
-        self.fallbacks = 0  # JPEGs the device rejected, decoded (or reported) by Pillow here
+        self.fallbacks = 0  # JPEGs the device rejected or could not resize, decoded (or reported) by Pillow here
         self.seconds = 0.0
 
     def finish(self, batch: Batch) -> Batch:
@@ -146,23 +146,45 @@ class DeviceDecoder:
             images = [self._one(d) for d in datas]
         failed: list[int] = []
         for p, img in zip(positions, images, strict=True):
-            if img is None:
+            made = None if img is None else self._device_input(img, batch.encoded[p].orientation)  # type: ignore[union-attr]
+            if made is None:
                 self.fallbacks += 1
                 if not self._pillow(batch.indices[p], batch.rels[p], p, inputs, originals, batch.errors):
                     failed.append(p)
                 continue
             self.decoded += 1
-            img = orient(img, batch.encoded[p].orientation)  # type: ignore[union-attr]
-            inputs[p] = resize_crop(img, input_geometry(img.shape[2], img.shape[1], self.spec), self.spec.interpolation)
+            inputs[p] = made[0]
             if self.keep_original:
-                originals[p] = img.permute(1, 2, 0).contiguous()
+                originals[p] = made[1]
         batch.originals, batch.parts, batch.encoded = originals, inputs, [None] * n
         batch = subset_batch(batch, [p for p in range(n) if p not in failed])
         if batch.parts:
             batch.inputs = torch.stack([t.to(self.device, non_blocking=True) for t in batch.parts])  # type: ignore[union-attr]
         batch.parts = []
-        self.seconds += time.perf_counter() - t0
+        self._stop_clock(t0)
         return batch
+
+    def _device_input(self, img: Tensor, orientation: int) -> tuple[Tensor, Tensor | None] | None:
+        """(model input (3, h, w), original (H, W, 3) or None) of one decoded image, made where it lives; None
+        when the device fails on this image, which then goes to Pillow like a JPEG the decoder rejected.
+
+        A device can fail where the CPU does not: CUDA's antialiased bilinear kernel needs shared memory in
+        proportion to the downscale factor and refuses past its limit (a panorama tens of thousands of pixels
+        wide, under --max-pixels), and one huge photo can run out of memory. Neither may stop the run.
+        """
+        try:
+            img = orient(img, orientation)
+            made = resize_crop(img, input_geometry(img.shape[2], img.shape[1], self.spec), self.spec.interpolation)
+            return made, img.permute(1, 2, 0).contiguous() if self.keep_original else None
+        except RuntimeError:  # torch.cuda.OutOfMemoryError included
+            return None
+
+    def _stop_clock(self, t0: float) -> None:
+        """Add the time since `t0` to `seconds`, after the device finished what was queued (CUDA kernels run
+        asynchronously: without the synchronisation their time would be counted in the next stage)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - t0
 
     def _one(self, data: Tensor) -> Tensor | None:
         try:

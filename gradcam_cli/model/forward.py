@@ -40,6 +40,29 @@ def autocast(device: torch.device, amp: str) -> Iterator[None]:
             yield
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives `device`'s ops at this point (`--amp`), or None where autocast is off.
+
+    A method's own passes (Score-CAM's masked inputs, Ablation-CAM's head) run under what the batch's forward
+    ran under, though the CAM maths between them is float32: so they are read here and restored around each pass.
+    """
+    kind = device.type
+    try:
+        on, dtype = torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+    except (TypeError, AttributeError):  # torch < 2.4: one pair of functions per device kind
+        cpu = kind == "cpu"
+        on = torch.is_autocast_cpu_enabled() if cpu else torch.is_autocast_enabled()
+        dtype = torch.get_autocast_cpu_dtype() if cpu else torch.get_autocast_gpu_dtype()
+    return dtype if on else None
+
+
+@contextlib.contextmanager
+def autocast_as(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """Autocast on `device` with `dtype` (what `autocast_dtype` read), or off when it is None."""
+    with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
+        yield
+
+
 def logits_of(output: object) -> Tensor:
     """Models return a tensor, a tuple (aux heads), a mapping or an object with `.logits`: the main logits."""
     if isinstance(output, Tensor):

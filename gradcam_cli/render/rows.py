@@ -78,6 +78,7 @@ class BatchRenderer:
                     rows[index].append(
                         Row.explained(rel, self.method, name, pred, explained, cam_max, peak, true, *written)
                     )
+        self.overlayer.flush()  # the batch's device-encoded overlays, in one call
         return files
 
     def _map(

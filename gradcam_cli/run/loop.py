@@ -114,6 +114,8 @@ class BatchLoop:
         tally.notes["overlay_jpeg"] = "device" if self.overlayer.device_codec else "pillow"
         if self.overlayer.codec_failure is not None:
             tally.notes["overlay_jpeg_device_error"] = self.overlayer.codec_failure
+        if self.overlayer.codec_fallbacks:
+            tally.notes["overlay_jpeg_pillow_fallback"] = self.overlayer.codec_fallbacks
         if plan.decode_error is not None:
             tally.notes["decode_device_error"] = plan.decode_error
         if self.decoder is not None:

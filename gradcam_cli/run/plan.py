@@ -31,7 +31,7 @@ from gradcam_cli.data.device import resolve_decode
 from gradcam_cli.data.discover import ImageFile
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.model.checkpoint import state_digest
-from gradcam_cli.model.forward import resolve_device
+from gradcam_cli.model.forward import autocast, resolve_device
 from gradcam_cli.model.layers import choose_layers
 from gradcam_cli.model.loading import LoadedModel, load_model
 from gradcam_cli.out.folder import OutputFolder
@@ -199,11 +199,12 @@ def plan_run(
 
 
 def probe(plan: RunPlan, engine: CamEngine) -> list[str]:
-    """One dummy image through the engine before OUT is touched: a layer without a spatial output, a class
-    index the model does not have, or a model `cam` cannot explain fails here (passes of a method's own are
-    skipped). Returns what to tell the user about the layers' layouts."""
+    """One dummy image through the engine before OUT is touched, under the run's --amp: a layer without a
+    spatial output, a class index the model does not have, a model `cam` cannot explain, or a method's own
+    passes failing on their first chunk fail here. Returns what to tell the user about the layers' layouts."""
     size = plan.model.spec.size
-    result = engine.check(torch.zeros(1, 3, *size, device=plan.device), plan.selector)
+    with autocast(plan.device, plan.settings.amp):
+        result = engine.check(torch.zeros(1, 3, *size, device=plan.device), plan.selector)
     for name, cams in result.cams.items():
         if cams.shape[-2] * cams.shape[-1] <= 1:
             raise GradcamError(

@@ -25,7 +25,8 @@ class MethodSpec:
     layer_grads: one backward to the target layers (dy/dA); input_grads: a ReLU-guided backward to the input;
     uses_layer: explains target layers (guided-backprop explains the input itself); class_specific: depends
     on the target class (so --counterfactual means something); eigen_smooth: is a channel-weighted sum
-    (so --eigen-smooth applies); extra_passes: runs model passes of its own, skipped by the start-up probe.
+    (so --eigen-smooth applies); extra_passes: runs model passes of its own (the start-up probe runs their first
+    chunk only).
     """
 
     name: str

@@ -79,6 +79,11 @@ class CamMethod:
         """(B*T, h, w) ReLU'd maps of one layer."""
         raise NotImplementedError
 
+    def probe_passes(self, ctx: LayerContext) -> None:
+        """Methods with passes of their own (`spec.extra_passes`): run the first chunk of them for the first
+        image and throw the result away, so the start-up probe fails on what would fail every batch (a dtype
+        under --amp, a head that rejects the layer's output) at the cost of one chunk, not the whole method."""
+
     def input_maps(self, input_grads: Tensor) -> Tensor | None:
         """Guided methods without a layer: (N, H, W) maps from the (N, 3, H, W) guided input gradients."""
         return None

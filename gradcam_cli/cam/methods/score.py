@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradcam_cli.cam.methods.base import CamMethod, LayerContext, safe_div, weighted_sum
+from gradcam_cli.model.forward import split_on_oom
 
 
 def normalized_masks(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -34,21 +35,34 @@ def scorecam(activations: Tensor, scores: Tensor, eigen_smooth: bool = False) ->
 
 def masked_scores(ctx: LayerContext) -> Tensor:
     """(B, T, K): target scores of the input masked by each channel's normalised upsampled map."""
-    x, a, targets = ctx.x, ctx.activations, ctx.targets
-    b, k = a.shape[:2]
-    t = targets.shape[1]
-    flat = a.reshape(b * k, *a.shape[2:])
-    scores = torch.empty(b * k, t, device=a.device)
-    size = (x.shape[-2], x.shape[-1])
+    b, k = ctx.activations.shape[:2]
+    t = ctx.targets.shape[1]
+    scores = torch.empty(b * k, t, device=ctx.activations.device)
     for start in range(0, b * k, ctx.options.chunk_size):
-        rows = torch.arange(start, min(start + ctx.options.chunk_size, b * k), device=a.device)
-        image = rows // k
-        masks = normalized_masks(flat[rows], size).to(x.dtype)
-        scores[rows] = ctx.options.forward(x[image] * masks[:, None]).float().gather(1, targets[image])
+        rows, chunk = chunk_scores(ctx, start)
+        scores[rows] = chunk
     return scores.view(b, k, t).transpose(1, 2)
 
 
+def chunk_scores(ctx: LayerContext, start: int) -> tuple[Tensor, Tensor]:
+    """Rows start.. (row r: image r // K masked by channel r % K), `chunk_size` of them, and their (n, T)
+    target scores. On device OOM the rows are halved (`split_on_oom`)."""
+    x, a, targets = ctx.x, ctx.activations, ctx.targets
+    b, k = a.shape[:2]
+    rows = torch.arange(start, min(start + ctx.options.chunk_size, b * k), device=a.device)
+    image = rows // k
+    masks = normalized_masks(a.reshape(b * k, *a.shape[2:])[rows], (x.shape[-2], x.shape[-1])).to(x.dtype)
+
+    def forward(part: Tensor, first: int, stop: int) -> Tensor:
+        return ctx.options.forward(part).float().gather(1, targets[image[first:stop]])
+
+    return rows, split_on_oom(forward, x[image] * masks[:, None], lambda parts: torch.cat(list(parts)))
+
+
 class ScoreCam(CamMethod):
+    def probe_passes(self, ctx: LayerContext) -> None:
+        chunk_scores(ctx, 0)
+
     def layer_maps(self, ctx: LayerContext) -> Tensor:
         b, k = ctx.activations.shape[:2]
         scores = masked_scores(ctx).reshape(b * ctx.targets.shape[1], k)
