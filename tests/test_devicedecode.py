@@ -196,10 +196,10 @@ def test_an_image_the_device_cannot_resize_goes_to_pillow(tmp_path: Path, monkey
     batch = collate([dataset[i] for i in range(len(listed))])
     real = dd.resize_crop
 
-    def shared_memory_limit(img: torch.Tensor, geo: object) -> torch.Tensor:
+    def shared_memory_limit(img: torch.Tensor, geo: object, interpolation: str = "bilinear") -> torch.Tensor:
         if img.shape[2] > 10 * img.shape[1]:
             raise RuntimeError("CUDA error: too many resources requested for launch (simulated)")
-        return real(img, geo)  # type: ignore[arg-type]
+        return real(img, geo, interpolation)  # type: ignore[arg-type]
 
     monkeypatch.setattr(dd, "resize_crop", shared_memory_limit)
     decoder = DeviceDecoder(FULL, torch.device("cpu"), True, lambda i: listed[i].path, None)
