@@ -12,7 +12,7 @@ import hashlib
 import os
 import posixpath
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ class ImageFile:
     error: str | None = None
 
 
-def _walk(root: Path, skip: set[Path], unlistable: list[tuple[Path, str]]) -> Iterator[Path]:
+def _walk(root: Path, skip: Collection[Path], unlistable: list[tuple[Path, str]]) -> Iterator[Path]:
     """Every image file under root, following directory symlinks but never the same directory twice."""
     seen: set[tuple[int, int]] = set()
 
@@ -146,7 +146,7 @@ def read_file_list(spec: str) -> tuple[Path, list[tuple[int, str]]]:
     return base, entries
 
 
-def listed(spec: str, taken: set[str], skip: set[Path] = frozenset()) -> list[ImageFile]:  # type: ignore[assignment]
+def listed(spec: str, taken: set[str], skip: Collection[Path] = ()) -> list[ImageFile]:
     """The images `--files-from spec` names, in list order; a missing or unreadable entry becomes an entry with
     `error` set (its own error row), never a stop. A listed folder is walked like an INPUT folder."""
     base, entries = read_file_list(spec)
