@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 from gradcam_cli.audit.diff.compare import DiffResult, diff
@@ -15,8 +16,8 @@ from gradcam_cli.audit.diff.gates import DIFF_GATE_KEYS
 from gradcam_cli.audit.gates import gates_from
 from gradcam_cli.cam.engine import CamEngine
 from gradcam_cli.config import Settings, check_audit_settings
-from gradcam_cli.data.discover import list_base, select_files
-from gradcam_cli.errors import GradcamError
+from gradcam_cli.data.discover import ImageFile, list_base, select_files
+from gradcam_cli.errors import GradcamError, MachineFault
 from gradcam_cli.out import names
 from gradcam_cli.out.folder import OutputFolder
 from gradcam_cli.render.encode import pillow_block_cache, restore_pillow_blocks
@@ -49,14 +50,22 @@ def explain(
         inputs = [inputs]
     coordinator = coordinator_from_env(settings.dist_timeout)
     say = (log or _silent) if coordinator.leader else _silent
-    with coordinator.session(settings.device):
+    with ExitStack() as held, coordinator.session(settings.device):
         check_audit_settings(settings)
         folder = OutputFolder(out)
         folder.check_writable()
         check_compare_to(settings, folder.path)
-        files = coordinator.list_files(
-            lambda: select_files(inputs, folder.path, settings.sample_rate, settings.limit, settings.files_from)
-        )
+
+        held.callback(folder.unlock)  # at the very end, also after an error or a signal
+
+        def discover() -> list[ImageFile]:
+            """The leader (rank 0 under torchrun) takes an existing OUT's lock at once, so a second run is refused
+            before loading anything; a new OUT is created, and locked, only when the run prepares it."""
+            if folder.path.is_dir():
+                folder.lock(say)
+            return select_files(inputs, folder.path, settings.sample_rate, settings.limit, settings.files_from)
+
+        files = coordinator.list_files(discover)
         roots = list(inputs)
         if settings.files_from is not None:  # the list's folder is a root: labels.csv, originals for the report
             roots.append(list_base(settings.files_from))
@@ -68,10 +77,10 @@ def explain(
             for note in notes:
                 say(note)
             summary = _run(plan, engine, coordinator, say, progress, on_start)
-    if plan.audit is not None:
-        summary.audit = plan.audit.run(folder.path)
-    if settings.compare_to is not None and coordinator.leader:
-        summary.diff = compare_after(settings, folder.path, say)
+        if plan.audit is not None:
+            summary.audit = plan.audit.run(folder.path)
+        if settings.compare_to is not None and coordinator.leader:
+            summary.diff = compare_after(settings, folder.path, say)
     return summary
 
 
@@ -102,14 +111,24 @@ def _run(
     progress: ProgressFn | None,
     on_start: Callable[[int], None] | None,
 ) -> RunSummary:
-    """run.json is written first (status running) and again at the end, also when the run is interrupted."""
-    manifest = plan.folder.manifest(plan.describe())
-    share = coordinator.prepare(plan, manifest, log)
+    """run.json is written first (status running) and again at the end, also when the run is interrupted or the
+    machine stopped it (status `stopped`: a full disk says where, how far the run got and that --resume
+    finishes it)."""
+    manifest = plan.folder.manifest(plan.describe(), plan.settings.fsync)
+    try:
+        share = coordinator.prepare(plan, manifest, log)
+    except MachineFault as exc:
+        raise MachineFault(f"{exc}; nothing was explained yet: {_free_and_resume(plan)}") from None
     if on_start is not None:
         on_start(len(share.files))
     loop = BatchLoop(plan, engine, share.files)
     tally = Tally()
-    writer = plan.folder.writer(share.csv_name, plan.columns, share.keep_rows)
+    try:
+        writer = plan.folder.writer(share.csv_name, plan.columns, share.keep_rows, plan.settings.fsync)
+    except MachineFault as exc:
+        raise MachineFault(
+            f"{exc}; {share.resumed} of {len(plan.files)} images are done: {_free_and_resume(plan)}"
+        ) from None
     blocks = pillow_block_cache()
     try:
         try:
@@ -123,6 +142,20 @@ def _run(
                 loop.report(tally)
                 tally.stop_clock()
     except BaseException as exc:
-        coordinator.stopped(plan, manifest, share, tally, exc)
+        try:
+            coordinator.stopped(plan, manifest, share, tally, exc)
+        except MachineFault:
+            if not isinstance(exc, MachineFault):
+                raise  # run.json could not say it; the disk's fault is the news then
+        if isinstance(exc, MachineFault):
+            done = share.resumed + writer.rows_written
+            raise MachineFault(
+                f"{exc}; stopped after {done} of {len(plan.files)} images (kept in {plan.folder.path}): "
+                f"{_free_and_resume(plan)}"
+            ) from None
         raise
     return coordinator.finish(plan, manifest, share, tally)
+
+
+def _free_and_resume(plan: RunPlan) -> str:
+    return "free some space (or fix the folder) and run the same command with --resume to finish the rest"
