@@ -207,7 +207,7 @@ def _quiet_sigchld() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGCHLD, previous)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL if previous is None else previous)
 
 
 class SurvivingLoader:

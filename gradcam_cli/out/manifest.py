@@ -14,7 +14,9 @@ from typing import Any
 
 from gradcam_cli import __version__
 from gradcam_cli.errors import MachineFault
-from gradcam_cli.out.files import json_bytes, overwrite_in_place, write_json
+from gradcam_cli.out.files import atomic_write, json_bytes, overwrite_in_place, write_json
+
+ROOM = 8192  # bytes run.json keeps free while a run goes: more than its final fields add (counts, times, reason)
 
 
 def now() -> str:
@@ -46,7 +48,13 @@ class Manifest:
         self.data.update(values)
 
     def write(self) -> None:
-        write_json(self.path, self.data, self.fsync)
+        """While the run goes, the file ends in `ROOM` bytes of blank space (valid JSON whitespace): the blocks
+        that let `close` rewrite it in place on a disk that has filled up meanwhile."""
+        if self.data.get("status") == "running":
+            data = json_bytes(self.data)
+            atomic_write(self.path, data[:-1] + b" " * ROOM + b"\n", self.fsync)
+        else:
+            write_json(self.path, self.data, self.fsync)
 
     def close(self, status: str, **values: Any) -> None:
         """The run's end: its status (`complete`, `interrupted`, `stopped`, `incomplete`, ...), when, and its
