@@ -217,7 +217,7 @@ def test_a_read_only_out_is_one_line_and_keeps_the_earlier_run(
     result = invoke("explain", src, "-o", out, *flags, "--batch-size", "4", "--resume")
     monkeypatch.undo()
     assert result.exit_code == 5
-    one_error_line(result.stderr, "read-only", str(out))
+    one_error_line(result.stderr, "read-only", str(out / LOCK), "nothing was written")
     assert outputs(out) == before and run_json(out)["status"] == "complete"
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradcam_cli.errors import GradcamError
+from gradcam_cli.errors import GradcamError, MachineFault
 from gradcam_cli.out import names
 from gradcam_cli.out.files import atomic_write, clean_stale_temps, read_json, storage_fault
 from gradcam_cli.out.lock import acquire, release
@@ -31,7 +31,10 @@ class OutputFolder:
     def lock(self, log: LogFn) -> None:
         """Take OUT's lock (`out.lock`) unless this object holds it already: one run at a time writes here."""
         if self._lock is None:
-            self._lock = acquire(self.path, log)
+            try:
+                self._lock = acquire(self.path, log)
+            except MachineFault as exc:
+                raise MachineFault(f"{exc}; nothing was written: make -o writable (or use another -o)") from None
 
     def unlock(self) -> None:
         if self._lock is not None:
