@@ -50,33 +50,33 @@ def explain(
         inputs = [inputs]
     coordinator = coordinator_from_env(settings.dist_timeout)
     say = (log or _silent) if coordinator.leader else _silent
-    with ExitStack() as held, coordinator.session(settings.device):
-        check_audit_settings(settings)
-        folder = OutputFolder(out)
-        folder.check_writable()
-        check_compare_to(settings, folder.path)
+    folder = OutputFolder(out)
+    with ExitStack() as held:
+        held.callback(folder.unlock)  # at the very end (after the audit), also after an error or a signal
+        with coordinator.session(settings.device):
+            check_audit_settings(settings)
+            folder.check_writable()
+            check_compare_to(settings, folder.path)
 
-        held.callback(folder.unlock)  # at the very end, also after an error or a signal
+            def discover() -> list[ImageFile]:
+                """The leader (rank 0 under torchrun) takes an existing OUT's lock at once, so a second run is
+                refused before loading anything; a new OUT is created, and locked, when the run prepares it."""
+                if folder.path.is_dir():
+                    folder.lock(say)
+                return select_files(inputs, folder.path, settings.sample_rate, settings.limit, settings.files_from)
 
-        def discover() -> list[ImageFile]:
-            """The leader (rank 0 under torchrun) takes an existing OUT's lock at once, so a second run is refused
-            before loading anything; a new OUT is created, and locked, only when the run prepares it."""
-            if folder.path.is_dir():
-                folder.lock(say)
-            return select_files(inputs, folder.path, settings.sample_rate, settings.limit, settings.files_from)
-
-        files = coordinator.list_files(discover)
-        roots = list(inputs)
-        if settings.files_from is not None:  # the list's folder is a root: labels.csv, originals for the report
-            roots.append(list_base(settings.files_from))
-        device = coordinator.device(settings.device)
-        plan = plan_run(settings, roots, folder, files, device, coordinator.leader, say)
-        with plan.engine() as engine:
-            notes = [*plan.notes, *probe(plan, engine)]
-            coordinator.started()
-            for note in notes:
-                say(note)
-            summary = _run(plan, engine, coordinator, say, progress, on_start)
+            files = coordinator.list_files(discover)
+            roots = list(inputs)
+            if settings.files_from is not None:  # the list's folder is a root: labels.csv, the report's originals
+                roots.append(list_base(settings.files_from))
+            device = coordinator.device(settings.device)
+            plan = plan_run(settings, roots, folder, files, device, coordinator.leader, say)
+            with plan.engine() as engine:
+                notes = [*plan.notes, *probe(plan, engine)]
+                coordinator.started()
+                for note in notes:
+                    say(note)
+                summary = _run(plan, engine, coordinator, say, progress, on_start)
         if plan.audit is not None:
             summary.audit = plan.audit.run(folder.path)
         if settings.compare_to is not None and coordinator.leader:
