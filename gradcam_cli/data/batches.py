@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
@@ -199,15 +200,22 @@ def _signal_name(exitcode: int | None) -> str:
 def _quiet_sigchld() -> Iterator[None]:
     """PyTorch's SIGCHLD handler raises in the main thread wherever it happens to be (in the model, in the
     writer) when a worker dies; here the loader's own liveness check finds the death instead, where the lost
-    batch is waited for, so that it can be told apart and retried."""
+    batch is waited for, so that it can be told apart and retried. Torch's handler is installed first (it is
+    once per process), so that it is the one restored afterwards, for any other loader of the process."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    with suppress(Exception):
+        torch.utils.data._utils.signal_handling._set_SIGCHLD_handler()
     previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         yield
     finally:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL if previous is None else previous)
+
+
+_END = object()
+WORKER_DEATH_ERRORS = (RuntimeError, OSError, EOFError)  # a dead worker's queue or shared tensor, as seen here
 
 
 class SurvivingLoader:
@@ -264,31 +272,33 @@ class SurvivingLoader:
     def _run(self, first: int, stop: int) -> Iterator[Batch]:
         """Batches first..stop-1 from one loader; a dead worker raises `WorkerLost` naming its batch."""
         size = self.batch_size
-        loader = self._loader(first * size, min(stop * size, len(self.files)), size, self.workers)
-        iterator = iter(loader)
-        try:
-            with _quiet_sigchld():
-                while True:
-                    try:
-                        batch = next(iterator)
-                    except StopIteration:
-                        return
-                    except RuntimeError as exc:
-                        raise self._lost(iterator, first, exc) from None
+        with _quiet_sigchld():
+            iterator = iter(self._loader(first * size, min(stop * size, len(self.files)), size, self.workers))
+            try:
+                while (batch := self._next(iterator, first)) is not _END:
                     yield batch
-        finally:
-            shutdown = getattr(iterator, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            finally:
+                _shut_down(iterator)
+
+    def _next(self, iterator: Any, first: int) -> Any:
+        try:
+            return next(iterator, _END)
+        except WORKER_DEATH_ERRORS as exc:
+            raise self._lost(iterator, first, exc) from None
 
     @staticmethod
-    def _lost(iterator: Any, first: int, exc: RuntimeError) -> Exception:
+    def _lost(iterator: Any, first: int, exc: Exception) -> Exception:
         """The batch a dead worker was decoding, or `exc` when no worker died. A worker decodes its batches in
         turn, so it is the oldest of its batches whose result never arrived (results already queued are
         drained first); when that is not known exactly, the one named is decoded image by image for nothing."""
         workers = list(getattr(iterator, "_workers", []))
-        dead = {i: w for i, w in enumerate(workers) if not w.is_alive()}
-        if not dead or "DataLoader worker" not in str(exc):
+        dead: dict[int, Any] = {}
+        for _ in range(20):  # a reset connection can be seen a moment before the worker's exit is
+            dead = {i: w for i, w in enumerate(workers) if not w.is_alive()}
+            if dead or not workers:
+                break
+            time.sleep(0.05)
+        if not dead:
             return exc
         tasks = getattr(iterator, "_task_info", {})
         arrived = set()
@@ -315,14 +325,16 @@ class SurvivingLoader:
         return collate(samples)
 
     def _run_one(self, index: int) -> list[Sample]:
-        iterator = iter(self._loader(index, index + 1, 1, 1, single=True))
-        try:
-            with _quiet_sigchld():
-                try:
-                    return [next(iterator)]
-                except RuntimeError as exc:
-                    raise self._lost(iterator, index, exc) from None
-        finally:
-            shutdown = getattr(iterator, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+        with _quiet_sigchld():
+            iterator = iter(self._loader(index, index + 1, 1, 1, single=True))
+            try:
+                return [self._next(iterator, index)]
+            finally:
+                _shut_down(iterator)
+
+
+def _shut_down(iterator: Any) -> None:
+    """Stop a loader's workers now (not whenever the iterator is collected): one loader's memory at a time."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
