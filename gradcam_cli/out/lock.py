@@ -17,8 +17,8 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -164,13 +164,3 @@ def release(out: Path, record: dict[str, Any]) -> None:
             path.unlink()
     except OSError:
         pass  # gone already, or OUT became unreadable: the next run finds the pid gone
-
-
-@contextmanager
-def locked(out: Path, log: LogFn) -> Iterator[dict[str, Any]]:
-    """Hold OUT's lock for the duration of the block."""
-    record = acquire(out, log)
-    try:
-        yield record
-    finally:
-        release(out, record)
