@@ -254,7 +254,9 @@ def start(src: Path, out: Path, flags: list[str], *extra: str) -> subprocess.Pop
     env = {k: v for k, v in os.environ.items() if k != "GRADCAM_DEBUG"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(TESTS)) if p)
     cmd = [sys.executable, "-m", "gradcam_cli", "explain", str(src), "-o", str(out), *flags, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
 
 
 def wait_for(proc: subprocess.Popen[str], ready: Callable[[], bool], what: str) -> None:
@@ -274,19 +276,24 @@ def rows_on_disk(out: Path) -> int:
 
 @pytest.mark.parametrize(
     ("signum", "point"),
-    [(signal.SIGTERM, "start-up"), (signal.SIGTERM, "rows"), (signal.SIGHUP, "rows")],
+    [(signal.SIGTERM, "start-up"), (signal.SIGTERM, "rows"), (signal.SIGHUP, "rows"), (signal.SIGTERM, "group")],
 )
 def test_sigterm_and_sighup_are_graceful_and_resume_finishes(
     src: Path, flags: list[str], reference: Path, tmp_path: Path, signum: int, point: str
 ) -> None:
-    """Sent once run.json exists (start-up: before the first row is written), or once 8 rows are on disk."""
+    """Sent once run.json exists (start-up: before the first row is written), or once 8 rows are on disk; `group`:
+    to the whole process group, decode workers included, as Slurm's scancel does."""
     out = tmp_path / "out"
-    proc = start(src, out, flags, "--batch-size", "4")
+    workers = ["--workers", "2"] if point == "group" else []
+    proc = start(src, out, flags, "--batch-size", "4", *workers)
     if point == "start-up":
         wait_for(proc, lambda: (out / "run.json").exists(), "run.json")
     else:
         wait_for(proc, lambda: rows_on_disk(out) >= 8, "rows")
-    proc.send_signal(signum)
+    if point == "group":
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     _out, err = proc.communicate(timeout=120)
     name = signal.Signals(signum).name
     if proc.returncode == 0:  # the run ended between the check and the signal: nothing to test at this point
