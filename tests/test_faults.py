@@ -29,11 +29,13 @@ from helpers import invoke
 from PIL import Image
 
 from gradcam_cli.data import batches
-from gradcam_cli.errors import ExitCode
+from gradcam_cli.errors import ExitCode, Interrupted
 from gradcam_cli.out import files as out_files
 from gradcam_cli.out import lock as out_lock
 from gradcam_cli.out import writer as out_writer
+from gradcam_cli.out.manifest import Manifest
 from gradcam_cli.out.names import LOCK
+from gradcam_cli.run import explain as run_explain
 
 N_IMAGES = 48
 KINDS = ("heatmaps", "overlays")
@@ -306,6 +308,34 @@ def test_sigterm_and_sighup_are_graceful_and_resume_finishes(
     assert not (out / LOCK).exists()
     resume(src, out, flags)
     assert_same_as(out, reference)
+
+
+@pytest.mark.parametrize("point", ["run.json written", "loop starting"])
+def test_a_signal_right_after_run_json_was_written_is_recorded(
+    src: Path, flags: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    """The moments between run.json saying `running` and the first batch: a signal there is recorded too."""
+
+    def sigterm(*args: Any, **kwargs: Any) -> None:
+        raise Interrupted(signal.SIGTERM, "SIGTERM")
+
+    if point == "run.json written":
+        real_write = Manifest.write
+
+        def write_then_stop(self: Manifest) -> None:
+            real_write(self)
+            sigterm()
+
+        monkeypatch.setattr(Manifest, "write", write_then_stop)
+    else:
+        monkeypatch.setattr(run_explain, "BatchLoop", sigterm)
+    out = tmp_path / "out"
+    result = invoke("explain", src, "-o", out, *flags)
+    assert result.exit_code == 143
+    one_error_line(result.stderr, "stopped by SIGTERM")
+    info = run_json(out)
+    assert info["status"] == "interrupted" and info["reason"] == "SIGTERM"
+    assert not (out / LOCK).exists()
 
 
 # --- a decode worker killed ------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class Manifest:
     def __init__(self, path: Path, fields: Mapping[str, Any], fsync: bool = False) -> None:
         self.path = path
         self.fsync = fsync  # --fsync: each write reaches the disk before the run goes on
+        self.written = False  # whether this run's run.json is in OUT (then it must end with how the run ended)
         self.data: dict[str, Any] = {"tool": "gradcam-cli", "version": __version__, "status": "running"}
         self.data["started"] = now()
         self.data.update(fields)
@@ -55,6 +56,7 @@ class Manifest:
             atomic_write(self.path, data[:-1] + b" " * ROOM + b"\n", self.fsync)
         else:
             write_json(self.path, self.data, self.fsync)
+        self.written = True
 
     def close(self, status: str, **values: Any) -> None:
         """The run's end: its status (`complete`, `interrupted`, `stopped`, `incomplete`, ...), when, and its

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 from gradcam_cli.audit.diff.compare import DiffResult, diff
@@ -20,8 +20,10 @@ from gradcam_cli.data.discover import ImageFile, list_base, select_files
 from gradcam_cli.errors import GradcamError, MachineFault
 from gradcam_cli.out import names
 from gradcam_cli.out.folder import OutputFolder
+from gradcam_cli.out.manifest import Manifest
+from gradcam_cli.out.writer import OutputWriter
 from gradcam_cli.render.encode import pillow_block_cache, restore_pillow_blocks
-from gradcam_cli.run.coordinator import Coordinator, coordinator_from_env
+from gradcam_cli.run.coordinator import Coordinator, coordinator_from_env, stop_status
 from gradcam_cli.run.loop import BatchLoop, ProgressFn
 from gradcam_cli.run.plan import RunPlan, plan_run, probe
 from gradcam_cli.run.tally import RunSummary, Tally
@@ -117,20 +119,19 @@ def _run(
     manifest = plan.folder.manifest(plan.describe(), plan.settings.fsync)
     try:
         share = coordinator.prepare(plan, manifest, log)
-    except MachineFault as exc:
-        raise MachineFault(f"{exc}; nothing was explained yet: {_free_and_resume(plan)}") from None
-    if on_start is not None:
-        on_start(len(share.files))
-    loop = BatchLoop(plan, engine, share.files)
+    except BaseException as exc:
+        _stopped_early(manifest, exc)
+        if isinstance(exc, MachineFault):
+            raise MachineFault(f"{exc}; nothing was explained yet: {_free_and_resume(plan)}") from None
+        raise
     tally = Tally()
-    try:
+    writer: OutputWriter | None = None
+    try:  # from here on, whatever stops the run (a signal a moment after run.json was written too) is recorded
+        if on_start is not None:
+            on_start(len(share.files))
+        loop = BatchLoop(plan, engine, share.files)
         writer = plan.folder.writer(share.csv_name, plan.columns, share.keep_rows, plan.settings.fsync)
-    except MachineFault as exc:
-        raise MachineFault(
-            f"{exc}; {share.resumed} of {len(plan.files)} images are done: {_free_and_resume(plan)}"
-        ) from None
-    blocks = pillow_block_cache()
-    try:
+        blocks = pillow_block_cache()
         try:
             loop.run(writer, tally, progress)
         finally:
@@ -148,13 +149,22 @@ def _run(
             if not isinstance(exc, MachineFault):
                 raise  # run.json could not say it; the disk's fault is the news then
         if isinstance(exc, MachineFault):
-            done = share.resumed + writer.rows_written
+            done = share.resumed + (writer.rows_written if writer is not None else 0)
             raise MachineFault(
                 f"{exc}; stopped after {done} of {len(plan.files)} images (kept in {plan.folder.path}): "
                 f"{_free_and_resume(plan)}"
             ) from None
         raise
     return coordinator.finish(plan, manifest, share, tally)
+
+
+def _stopped_early(manifest: Manifest, exc: BaseException) -> None:
+    """A run stopped while OUT was being prepared: if run.json already says `running`, it says how it ended
+    instead (best effort: the disk may be what stopped it)."""
+    if manifest.written:
+        status, extra = stop_status(exc)
+        with suppress(Exception):
+            manifest.close(status, **extra)
 
 
 def _free_and_resume(plan: RunPlan) -> str:
