@@ -104,7 +104,10 @@ def _graceful_signals() -> Iterator[None]:
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # only where ours is still set: under torchrun a rank that has handed over its results ignores
+            # SIGTERM up to its exit (torchrun sends it when rank 0 exits), and that must stay so
+            if signal.getsignal(signum) is stop:
+                signal.signal(signum, handler)
 
 
 def threading_main() -> bool:
