@@ -6,8 +6,10 @@ prints. torch is imported only inside the commands that need it, so `--help` and
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import click
@@ -26,7 +28,7 @@ from gradcam_cli.config import (
     check_diff_gates,
     load_settings,
 )
-from gradcam_cli.errors import ExitCode, GradcamError, RunStopped
+from gradcam_cli.errors import ExitCode, GradcamError, Interrupted, RunStopped
 from gradcam_cli.render.colormaps import COLORMAP_NAMES
 from gradcam_cli.run.world import env_rank, env_world_size
 
@@ -58,6 +60,12 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             # `gradcam models | head`: the reader went away; that is not an error
             sys.stderr.close()
             os._exit(ExitCode.OK)
+        except Interrupted as exc:
+            _fail(
+                f"stopped by {exc.name}; everything written so far is kept: run the same command with --resume to "
+                "finish",
+                128 + exc.signum,
+            )
         except KeyboardInterrupt:
             _fail("interrupted; everything written so far is kept", ExitCode.INTERRUPTED)
         except MemoryError:
@@ -71,6 +79,41 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+GRACEFUL_SIGNALS = ("SIGTERM", "SIGHUP")  # what CI cancellation, `timeout`, Kubernetes, Slurm, a closed terminal send
+
+
+@contextmanager
+def _graceful_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end a run as Ctrl-C does (everything written is kept, run.json says `interrupted`),
+    with exit code 128 + the signal. The first one is acted on; later ones are ignored so that the unwinding
+    (finishing the batches being written, run.json) is not cut short."""
+    signums = [getattr(signal, name) for name in GRACEFUL_SIGNALS if hasattr(signal, name)]
+    if not threading_main():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        for other in signums:
+            signal.signal(other, signal.SIG_IGN)
+        raise Interrupted(signum, signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, stop) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            # only where ours is still set: under torchrun a rank that has handed over its results ignores
+            # SIGTERM up to its exit (torchrun sends it when rank 0 exits), and that must stay so
+            if signal.getsignal(signum) is stop:
+                signal.signal(signum, handler)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _switch(name: str, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -171,6 +214,11 @@ def main() -> None:
     "resume",
     "Skip images an earlier run into OUT already explained (ok rows whose files exist). [default: start fresh]",
 )
+@_switch(
+    "fsync",
+    "Sync each file and its folder to the disk before the CSV row naming it, and the CSV and run.json after "
+    "each batch: a power cut or kernel crash then loses at most the batch in flight. [default: off]",
+)
 @click.option(
     "--metrics",
     help=f"Comma-separated explanation-quality metrics: {','.join(METRIC_NAMES)} "
@@ -259,7 +307,8 @@ def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any)
             bar.update(n)
 
     try:
-        summary = run_explain(list(inputs), out, settings, progress=progress, log=log, on_start=on_start)
+        with _graceful_signals():
+            summary = run_explain(list(inputs), out, settings, progress=progress, log=log, on_start=on_start)
     finally:
         if bar is not None:
             bar.close()

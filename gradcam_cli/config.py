@@ -66,6 +66,7 @@ class Settings:
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     resume: bool = False
+    fsync: bool = False  # files, folders, the CSV and run.json synced to the disk: a power cut loses <= a batch
     # audit: metrics, annotations, summary, gates, sampling
     metrics: tuple[str, ...] = ()
     steps: int = 20
@@ -376,6 +377,7 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "seed": _v_nonneg_int,
     "max_pixels": _v_positive_int,
     "resume": _v_bool,
+    "fsync": _v_bool,
     "metrics": _v_metrics,
     "steps": _v_steps,
     "baseline": _v_choice(BASELINES),

@@ -18,7 +18,10 @@ class ExitCode(IntEnum):
     USAGE = 2  # usage, config, model, weights, layer or annotation error: nothing ran
     GATE_FAILED = 3  # a --fail-under/--fail-over gate failed (wins over IMAGE_ERRORS)
     STOPPED = 4  # an internal error, or a torchrun job that lost a rank (what was done is kept)
-    INTERRUPTED = 130  # Ctrl-C: everything written so far is kept
+    MACHINE = 5  # the machine stopped the run: disk full, quota, read-only OUT, inputs gone (what was done is kept)
+    HANGUP = 129  # SIGHUP (128 + 1): the terminal or session went away; everything written so far is kept
+    INTERRUPTED = 130  # Ctrl-C (SIGINT, 128 + 2): everything written so far is kept
+    TERMINATED = 143  # SIGTERM (128 + 15): CI cancellation, `timeout`, Kubernetes, Slurm; everything is kept
 
 
 class Explained(Exception):
@@ -50,6 +53,24 @@ class RunStopped(Explained):
         self.quiet = quiet
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled exactly as Ctrl-C: a KeyboardInterrupt subclass, so every place that keeps
+    what was written on Ctrl-C (the writer, run.json `interrupted`, the torchrun ranks) does the same here."""
+
+    def __init__(self, signum: int, name: str) -> None:
+        super().__init__(name)
+        self.signum = signum
+        self.name = name
+
+
+class MachineFault(RunStopped):
+    """The machine, not the input, stopped the run: no space left, quota exceeded, OUT read-only, an input
+    folder gone. Exit code 5; what was written is kept and `--resume` finishes the rest."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=ExitCode.MACHINE)
+
+
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception as one short line: an `Explained` message as it is, anything else as `Type: message`."""
     text = " ".join(str(exc).split())
@@ -64,6 +85,8 @@ def exit_code_of(exc: BaseException) -> int:
         return ExitCode.USAGE
     if isinstance(exc, RunStopped):
         return exc.exit_code
+    if isinstance(exc, Interrupted):
+        return 128 + exc.signum
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
     return ExitCode.STOPPED

@@ -40,6 +40,7 @@ from gradcam_cli.cli import main
 from gradcam_cli.errors import GradcamError, RunStopped
 from gradcam_cli.out.files import atomic_write
 from gradcam_cli.out.merge import fold_rank_csvs, merge_csvs
+from gradcam_cli.out.names import LOCK
 from gradcam_cli.out.names import rank_csv as rank_csv_name
 from gradcam_cli.out.table import BASE_COLUMNS, columns_for, csv_bytes, iter_rows
 from gradcam_cli.run.coordinator import LocalCoordinator, TorchrunCoordinator, coordinator_from_env
@@ -489,6 +490,7 @@ def test_two_ranks_give_the_same_results_as_one_process(
         assert ours.keys() == theirs.keys() and len(ours) == 24
         assert [k for k in ours if ours[k] != theirs[k]] == []
     assert not list(out.glob("predictions.rank*.csv")) and not list(out.rglob("*.tmp"))
+    assert not (out / LOCK).exists()  # rank 0's lock of OUT ends with the job
     # metric columns are in the CSV compared above; summary.json and its gate were made from the merged CSV
     header = (out / "predictions.csv").read_text(encoding="utf-8").splitlines()[0]
     assert header == ",".join(columns_for(COLUMN_NAMES))  # the same header as one process writes
@@ -511,6 +513,22 @@ def test_two_ranks_give_the_same_results_as_one_process(
     assert len(summaries) == 1 and "24 ok, 1 failed of 25 images" in summaries[0], proc.stderr[-3000:]
     assert "by 2 processes" in summaries[0]
     assert not [ln for ln in proc.stderr.splitlines() if "gradcam_cli" in ln and 'File "' in ln]  # no traceback of ours
+
+
+def test_a_job_into_an_out_another_run_holds_is_refused_by_rank_0_at_once(
+    dist_inputs: Path, dist_config: Path, tmp_path: Path
+) -> None:
+    """Rank 0 takes the one lock of OUT for the whole job: held elsewhere, every rank stops, with one line."""
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = {"pid": 4242, "host": "node-17", "started": "2026-11-30T00:00:00+0000", "boot_id": "", "process_start": ""}
+    (out / LOCK).write_text(json.dumps(lock), encoding="utf-8")
+    launcher = ["--standalone", "--nproc-per-node", "2"]
+    proc = _run(_torchrun(launcher, [dist_inputs, "-o", out, "-c", dist_config]), _env(), timeout=120)
+    assert _rank_exit_codes(proc.stderr) == [2], proc.stderr[-3000:]  # rank 0's usage error; rank 1 exits 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "[rank 0/2]" in errors[0] and "pid 4242 on node-17" in errors[0], errors
+    assert json.loads((out / LOCK).read_text(encoding="utf-8")) == lock and sorted(out.iterdir()) == [out / LOCK]
 
 
 @pytest.mark.slow

@@ -94,6 +94,7 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "quiet": [True, False],
     "max_pixels": [1, 900, 10**9],
     "resume": [True, False],
+    "fsync": [True, False],
     "amp": ["none", "bf16", "fp16", "fp32"],
     "channels_last": [True, False, "auto"],
     "decode": ["auto", "workers", "device", "nvjpeg"],

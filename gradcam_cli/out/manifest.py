@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from gradcam_cli import __version__
-from gradcam_cli.out.files import write_json
+from gradcam_cli.errors import MachineFault
+from gradcam_cli.out.files import atomic_write, json_bytes, overwrite_in_place, write_json
+
+ROOM = 8192  # bytes run.json keeps free while a run goes: more than its final fields add (counts, times, reason)
 
 
 def now() -> str:
@@ -34,8 +37,10 @@ def timing(seconds: float, done: int, stages: Mapping[str, float]) -> dict[str, 
 class Manifest:
     """The run.json of one run; `fields` describe the run (see `run.plan.RunPlan.describe`)."""
 
-    def __init__(self, path: Path, fields: Mapping[str, Any]) -> None:
+    def __init__(self, path: Path, fields: Mapping[str, Any], fsync: bool = False) -> None:
         self.path = path
+        self.fsync = fsync  # --fsync: each write reaches the disk before the run goes on
+        self.written = False  # whether this run's run.json is in OUT (then it must end with how the run ended)
         self.data: dict[str, Any] = {"tool": "gradcam-cli", "version": __version__, "status": "running"}
         self.data["started"] = now()
         self.data.update(fields)
@@ -44,10 +49,23 @@ class Manifest:
         self.data.update(values)
 
     def write(self) -> None:
-        write_json(self.path, self.data)
+        """While the run goes, the file ends in `ROOM` bytes of blank space (valid JSON whitespace): the blocks
+        that let `close` rewrite it in place on a disk that has filled up meanwhile."""
+        if self.data.get("status") == "running":
+            data = json_bytes(self.data)
+            atomic_write(self.path, data[:-1] + b" " * ROOM + b"\n", self.fsync)
+        else:
+            write_json(self.path, self.data, self.fsync)
+        self.written = True
 
     def close(self, status: str, **values: Any) -> None:
-        """The run's end: its status (`complete`, `interrupted`, `incomplete`, ...), when, and its results."""
+        """The run's end: its status (`complete`, `interrupted`, `stopped`, `incomplete`, ...), when, and its
+        results. On a full disk, where no temporary file can be made, run.json is rewritten in the blocks it
+        already has when the new text fits them; otherwise the `MachineFault` is raised."""
         self.data.update(status=status, finished=now())
         self.data.update(values)
-        self.write()
+        try:
+            self.write()
+        except MachineFault:
+            if not overwrite_in_place(self.path, json_bytes(self.data)):
+                raise

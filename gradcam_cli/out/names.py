@@ -19,6 +19,7 @@ SUMMARY = "summary.json"
 REPORT = "report.html"
 DIFF_CSV, DIFF_JSON, DIFF_REPORT = "diff.csv", "diff.json", "diff.html"  # in the DIFF_OUT of `gradcam diff`
 THUMBNAILS = "thumbnails"
+LOCK = ".gradcam.lock"  # held by a running explain (see out.lock); gone when it exits
 HEATMAPS, OVERLAYS, NPY, GUIDED = "heatmaps", "overlays", "npy", "guided"
 RANK_CSV = re.compile(r"^predictions\.rank(\d+)\.csv$")
 SAVE_KINDS: tuple[str, ...] = ("heatmap", "overlay", "npy")

@@ -9,6 +9,7 @@ Every output path is checked to stay inside OUT, also through symlinked folders.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -18,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 from gradcam_cli.errors import GradcamError
-from gradcam_cli.out.files import O_CLOEXEC, O_NOFOLLOW, atomic_write
+from gradcam_cli.out.files import O_CLOEXEC, O_NOFOLLOW, atomic_write, fsync_folder, storage_fault
 from gradcam_cli.out.table import Row, csv_bytes
 
 Encoder = Callable[[], bytes]  # whatever is left to do for one file (colouring, encoding), run on the pool
@@ -29,6 +30,10 @@ class OutputWriter:
 
     `submit_batch(files, rows)` returns at once unless more than `max_pending` batches are still being
     written, in which case it waits for the oldest: that bound is what keeps memory flat.
+
+    With `fsync`, each file and its folder reach the disk before the CSV row that names it, and the CSV after
+    each batch's rows: a power cut then loses at most the batches in flight, never a row without its files.
+    `rows_written` counts the rows appended by this writer (not those kept from an earlier run).
     """
 
     def __init__(
@@ -39,15 +44,19 @@ class OutputWriter:
         keep_rows: Sequence[Row] = (),
         threads: int = 2,
         max_pending: int = 2,
+        fsync: bool = False,
     ) -> None:
         """The CSV starts with its header and `keep_rows` (what --resume keeps), replacing any old file."""
         self.out = out
+        self.fsync = fsync
+        self.rows_written = 0
+        self.csv_path = csv_path
         self._root = os.path.realpath(out)
         self._safe_dirs: set[str] = set()
         self.max_pending = max_pending
         self.pending: deque[tuple[list[Future[None]], list[Row]]] = deque()
         self.columns = tuple(columns)
-        atomic_write(csv_path, csv_bytes(keep_rows, self.columns, header=True))
+        atomic_write(csv_path, csv_bytes(keep_rows, self.columns, header=True), fsync)
         self._csv_fd = os.open(csv_path, os.O_WRONLY | os.O_APPEND | O_CLOEXEC | O_NOFOLLOW)
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="gradcam-write")
         self.write_seconds = 0.0
@@ -77,7 +86,13 @@ class OutputWriter:
 
     def _write(self, path: Path, encode: Encoder) -> None:
         t0 = time.perf_counter()
-        atomic_write(path, encode())
+        try:
+            atomic_write(path, encode(), self.fsync)
+        except OSError as exc:
+            fault = storage_fault(exc, path)
+            if fault is exc:
+                raise
+            raise fault from None
         with self._lock:
             self.write_seconds += time.perf_counter() - t0
 
@@ -89,16 +104,29 @@ class OutputWriter:
         self._commit(block=len(self.pending) > self.max_pending)
 
     def _append_rows(self, rows: Sequence[Row]) -> None:
-        """One write(2) per batch on an O_APPEND descriptor: a kill leaves whole rows or none of them."""
+        """One write(2) per batch on an O_APPEND descriptor: a kill leaves whole rows or none of them. A write
+        the disk cannot take (full, quota) is cut back to the last whole row, so the CSV stays a valid prefix."""
         data = memoryview(csv_bytes(rows, self.columns))
-        while data:
-            data = data[os.write(self._csv_fd, data) :]
+        size = os.fstat(self._csv_fd).st_size
+        try:
+            while data:
+                data = data[os.write(self._csv_fd, data) :]
+            if self.fsync:
+                os.fsync(self._csv_fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._csv_fd, size)
+            fault = storage_fault(exc, self.csv_path)
+            if fault is exc:
+                raise
+            raise fault from None
+        self.rows_written += len(rows)
 
     def _commit(self, block: bool) -> None:
         while self.pending and (block or all(f.done() for f in self.pending[0][0])):
             futures, rows = self.pending.popleft()
             for f in futures:
-                f.result()
+                f.result()  # a file that failed: its batch's rows never reach the CSV
             if rows:
                 self._append_rows(rows)
             block = len(self.pending) > self.max_pending
@@ -108,6 +136,8 @@ class OutputWriter:
         try:
             while self.pending:
                 self._commit(block=True)
+            if self.fsync:
+                fsync_folder(self.csv_path.parent)
         finally:
             self.pool.shutdown(wait=True)
             os.close(self._csv_fd)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gradcam_cli.data.discover import ImageFile
-from gradcam_cli.errors import ExitCode, RunStopped, one_line
+from gradcam_cli.errors import ExitCode, Interrupted, MachineFault, RunStopped, one_line
 from gradcam_cli.out import names
 from gradcam_cli.out.manifest import Manifest, now, timing
 from gradcam_cli.out.merge import merge_csvs
@@ -69,6 +69,19 @@ def _prepare_out(plan: RunPlan, manifest: Manifest, log: LogFn) -> tuple[set[str
     return state.done, state.kept_rows
 
 
+def stop_status(exc: BaseException) -> tuple[str, dict[str, Any]]:
+    """run.json's status after `exc` ended a run, and what it adds: `stopped` with a note when the machine
+    stopped it (a full disk, ...), `interrupted` with the signal for Ctrl-C, SIGTERM and SIGHUP."""
+    if isinstance(exc, MachineFault):
+        note = "the machine stopped this run; what is listed in the CSV is complete: --resume finishes the rest"
+        return "stopped", {"reason": one_line(exc), "note": note}
+    if isinstance(exc, Interrupted):
+        return "interrupted", {"reason": exc.name}
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", {"reason": "SIGINT"}
+    return "interrupted", {"reason": one_line(exc)}
+
+
 def _summary(plan: RunPlan, tally: Tally, share: Share) -> RunSummary:
     return RunSummary(
         out=str(plan.folder.path),
@@ -108,11 +121,11 @@ class LocalCoordinator:
         files = tuple(f for f in plan.files if f.rel not in done)
         return Share(files, names.PREDICTIONS, tuple(kept), len(done))
 
-    def _close(self, plan: RunPlan, manifest: Manifest, share: Share, tally: Tally, status: str) -> None:
+    def _close(self, plan: RunPlan, manifest: Manifest, share: Share, tally: Tally, status: str, **extra: Any) -> None:
         counts = {"images": len(plan.files), "ok": tally.ok + share.resumed, "error": tally.errors}
         if plan.settings.only_below is not None:
             counts["skipped"] = tally.skipped
-        manifest.close(status, **tally.notes, counts=counts, **tally.timing())
+        manifest.close(status, **tally.notes, counts=counts, **tally.timing(), **extra)
 
     def finish(self, plan: RunPlan, manifest: Manifest, share: Share, tally: Tally) -> RunSummary:
         if share.resumed:  # kept rows came first: back into input order, as an uninterrupted run has them
@@ -121,7 +134,10 @@ class LocalCoordinator:
         return _summary(plan, tally, share)
 
     def stopped(self, plan: RunPlan, manifest: Manifest, share: Share, tally: Tally, exc: BaseException) -> None:
-        self._close(plan, manifest, share, tally, "interrupted")
+        """run.json after `exc`: counts of what reached the CSV before it (rows of batches still being written
+        when it came count too: the writer finishes them)."""
+        status, extra = stop_status(exc)
+        self._close(plan, manifest, share, tally, status, **extra)
 
 
 class TorchrunCoordinator:
@@ -213,11 +229,12 @@ class TorchrunCoordinator:
         )
 
     def stopped(self, plan: RunPlan, manifest: Manifest, share: Share, tally: Tally, exc: BaseException) -> None:
-        report = self._report(plan, share, tally, "interrupted")
-        report["reason"] = one_line(exc)
+        status, extra = stop_status(exc)
+        report = self._report(plan, share, tally, status)
+        report["reason"] = extra["reason"]
         self.world.stopped(report, exc)
         if self.leader:
-            manifest.close("interrupted", **tally.notes, ranks=[report], note=STOPPED_NOTE)
+            manifest.close(status, **tally.notes, ranks=[report], note=STOPPED_NOTE)
 
     def _conclude(
         self, plan: RunPlan, manifest: Manifest, reports: dict[int, Any], started: float, resumed: int

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 from gradcam_cli.audit.diff.compare import DiffResult, diff
@@ -15,12 +16,14 @@ from gradcam_cli.audit.diff.gates import DIFF_GATE_KEYS
 from gradcam_cli.audit.gates import gates_from
 from gradcam_cli.cam.engine import CamEngine
 from gradcam_cli.config import Settings, check_audit_settings
-from gradcam_cli.data.discover import list_base, select_files
-from gradcam_cli.errors import GradcamError
+from gradcam_cli.data.discover import ImageFile, list_base, select_files
+from gradcam_cli.errors import GradcamError, MachineFault
 from gradcam_cli.out import names
 from gradcam_cli.out.folder import OutputFolder
+from gradcam_cli.out.manifest import Manifest
+from gradcam_cli.out.writer import OutputWriter
 from gradcam_cli.render.encode import pillow_block_cache, restore_pillow_blocks
-from gradcam_cli.run.coordinator import Coordinator, coordinator_from_env
+from gradcam_cli.run.coordinator import Coordinator, coordinator_from_env, stop_status
 from gradcam_cli.run.loop import BatchLoop, ProgressFn
 from gradcam_cli.run.plan import RunPlan, plan_run, probe
 from gradcam_cli.run.tally import RunSummary, Tally
@@ -49,29 +52,37 @@ def explain(
         inputs = [inputs]
     coordinator = coordinator_from_env(settings.dist_timeout)
     say = (log or _silent) if coordinator.leader else _silent
-    with coordinator.session(settings.device):
-        check_audit_settings(settings)
-        folder = OutputFolder(out)
-        folder.check_writable()
-        check_compare_to(settings, folder.path)
-        files = coordinator.list_files(
-            lambda: select_files(inputs, folder.path, settings.sample_rate, settings.limit, settings.files_from)
-        )
-        roots = list(inputs)
-        if settings.files_from is not None:  # the list's folder is a root: labels.csv, originals for the report
-            roots.append(list_base(settings.files_from))
-        device = coordinator.device(settings.device)
-        plan = plan_run(settings, roots, folder, files, device, coordinator.leader, say)
-        with plan.engine() as engine:
-            notes = [*plan.notes, *probe(plan, engine)]
-            coordinator.started()
-            for note in notes:
-                say(note)
-            summary = _run(plan, engine, coordinator, say, progress, on_start)
-    if plan.audit is not None:
-        summary.audit = plan.audit.run(folder.path)
-    if settings.compare_to is not None and coordinator.leader:
-        summary.diff = compare_after(settings, folder.path, say)
+    folder = OutputFolder(out)
+    with ExitStack() as held:
+        held.callback(folder.unlock)  # at the very end (after the audit), also after an error or a signal
+        with coordinator.session(settings.device):
+            check_audit_settings(settings)
+            folder.check_writable()
+            check_compare_to(settings, folder.path)
+
+            def discover() -> list[ImageFile]:
+                """The leader (rank 0 under torchrun) takes an existing OUT's lock at once, so a second run is
+                refused before loading anything; a new OUT is created, and locked, when the run prepares it."""
+                if folder.path.is_dir():
+                    folder.lock(say)
+                return select_files(inputs, folder.path, settings.sample_rate, settings.limit, settings.files_from)
+
+            files = coordinator.list_files(discover)
+            roots = list(inputs)
+            if settings.files_from is not None:  # the list's folder is a root: labels.csv, the report's originals
+                roots.append(list_base(settings.files_from))
+            device = coordinator.device(settings.device)
+            plan = plan_run(settings, roots, folder, files, device, coordinator.leader, say)
+            with plan.engine() as engine:
+                notes = [*plan.notes, *probe(plan, engine)]
+                coordinator.started()
+                for note in notes:
+                    say(note)
+                summary = _run(plan, engine, coordinator, say, progress, on_start)
+        if plan.audit is not None:
+            summary.audit = plan.audit.run(folder.path)
+        if settings.compare_to is not None and coordinator.leader:
+            summary.diff = compare_after(settings, folder.path, say)
     return summary
 
 
@@ -102,16 +113,25 @@ def _run(
     progress: ProgressFn | None,
     on_start: Callable[[int], None] | None,
 ) -> RunSummary:
-    """run.json is written first (status running) and again at the end, also when the run is interrupted."""
-    manifest = plan.folder.manifest(plan.describe())
-    share = coordinator.prepare(plan, manifest, log)
-    if on_start is not None:
-        on_start(len(share.files))
-    loop = BatchLoop(plan, engine, share.files)
-    tally = Tally()
-    writer = plan.folder.writer(share.csv_name, plan.columns, share.keep_rows)
-    blocks = pillow_block_cache()
+    """run.json is written first (status running) and again at the end, also when the run is interrupted or the
+    machine stopped it (status `stopped`: a full disk says where, how far the run got and that --resume
+    finishes it)."""
+    manifest = plan.folder.manifest(plan.describe(), plan.settings.fsync)
     try:
+        share = coordinator.prepare(plan, manifest, log)
+    except BaseException as exc:
+        _stopped_early(manifest, exc)
+        if isinstance(exc, MachineFault):
+            raise MachineFault(f"{exc}; nothing was explained yet: {_free_and_resume(plan)}") from None
+        raise
+    tally = Tally()
+    writer: OutputWriter | None = None
+    try:  # from here on, whatever stops the run (a signal a moment after run.json was written too) is recorded
+        if on_start is not None:
+            on_start(len(share.files))
+        loop = BatchLoop(plan, engine, share.files)
+        writer = plan.folder.writer(share.csv_name, plan.columns, share.keep_rows, plan.settings.fsync)
+        blocks = pillow_block_cache()
         try:
             loop.run(writer, tally, progress)
         finally:
@@ -123,6 +143,29 @@ def _run(
                 loop.report(tally)
                 tally.stop_clock()
     except BaseException as exc:
-        coordinator.stopped(plan, manifest, share, tally, exc)
+        try:
+            coordinator.stopped(plan, manifest, share, tally, exc)
+        except MachineFault:
+            if not isinstance(exc, MachineFault):
+                raise  # run.json could not say it; the disk's fault is the news then
+        if isinstance(exc, MachineFault):
+            done = share.resumed + (writer.rows_written if writer is not None else 0)
+            raise MachineFault(
+                f"{exc}; stopped after {done} of {len(plan.files)} images (kept in {plan.folder.path}): "
+                f"{_free_and_resume(plan)}"
+            ) from None
         raise
     return coordinator.finish(plan, manifest, share, tally)
+
+
+def _stopped_early(manifest: Manifest, exc: BaseException) -> None:
+    """A run stopped while OUT was being prepared: if run.json already says `running`, it says how it ended
+    instead (best effort: the disk may be what stopped it)."""
+    if manifest.written:
+        status, extra = stop_status(exc)
+        with suppress(Exception):
+            manifest.close(status, **extra)
+
+
+def _free_and_resume(plan: RunPlan) -> str:
+    return "free some space (or fix the folder) and run the same command with --resume to finish the rest"

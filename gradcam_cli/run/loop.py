@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from gradcam_cli.cam.engine import CamEngine, CamResult, run_batch
-from gradcam_cli.data.batches import Batch, make_loader
+from gradcam_cli.data.batches import Batch, SurvivingLoader
 from gradcam_cli.data.device import DeviceDecoder
 from gradcam_cli.data.discover import ImageFile
+from gradcam_cli.errors import MachineFault
 from gradcam_cli.out.table import Row
 from gradcam_cli.out.writer import OutputWriter
 from gradcam_cli.render.colormaps import lut
@@ -48,11 +50,11 @@ class BatchLoop:
             plan.selector.uses_label,
         )
         keep_original = "overlay" in s.save
-        self.loader = make_loader(
+        self.loader = SurvivingLoader(
             files,
-            spec,
             s.batch_size,
             s.workers,
+            spec=spec,
             keep_original=keep_original,
             pin=device.type == "cuda",
             max_pixels=s.max_pixels,
@@ -87,8 +89,17 @@ class BatchLoop:
         t_wait = time.perf_counter()
         for batch in self.loader:
             tally.stages["decode_wait"] += time.perf_counter() - t_wait
+            if batch.errors:
+                self._check_inputs()
             yield batch if self.decoder is None else self.decoder.finish(batch)
             t_wait = time.perf_counter()
+
+    def _check_inputs(self) -> None:
+        """Images that cannot be read because their input folder went away (deleted, unmounted) stop the run:
+        one line for the folder, instead of an error row for each image left; --resume finishes later."""
+        for root in self.plan.inputs:
+            if not Path(root).exists():
+                raise MachineFault(f"input {root} is gone (deleted or unmounted during the run)")
 
     def _normalised(self, batch: Batch) -> Tensor:
         """(B, 3, h, w) uint8 -> float32 on the device, normalised with the model's mean and std."""
@@ -116,6 +127,8 @@ class BatchLoop:
             tally.notes["overlay_jpeg_device_error"] = self.overlayer.codec_failure
         if self.overlayer.codec_fallbacks:
             tally.notes["overlay_jpeg_pillow_fallback"] = self.overlayer.codec_fallbacks
+        if self.loader.lost:
+            tally.notes["decode_workers_lost"] = self.loader.lost
         if plan.decode_error is not None:
             tally.notes["decode_device_error"] = plan.decode_error
         if self.decoder is not None:

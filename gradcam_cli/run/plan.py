@@ -116,6 +116,7 @@ class RunPlan:
             "channels_last": s.channels_last,
             "decode": s.decode,
             "seed": s.seed,
+            "fsync": s.fsync,
             "input_roots": [str(Path(p).resolve()) for p in self.inputs],
             "labels": list(self.model.labels),
             "audit": audit_manifest(s),

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
-from gradcam_cli.errors import ExitCode, GradcamError, RunStopped, exit_code_of, one_line
+from gradcam_cli.errors import ExitCode, GradcamError, MachineFault, RunStopped, exit_code_of, one_line
 
 T = TypeVar("T")
 
@@ -441,7 +441,10 @@ class World:
         launcher stops every rank as soon as one exits with an error. Best effort: the store may be gone."""
         if not self.active:
             return
-        waits = self.rank != 0 and self.stop_reason is None and not isinstance(exc, (KeyboardInterrupt, RunStopped))
+        from_outside = isinstance(exc, KeyboardInterrupt) or (
+            isinstance(exc, RunStopped) and not isinstance(exc, MachineFault)  # a full disk is this rank's own
+        )
+        waits = self.rank != 0 and self.stop_reason is None and not from_outside
         with suppress(Exception):
             self._put(f"report/{self.rank}", {**report, "waits": waits})
             if self.rank == 0:
