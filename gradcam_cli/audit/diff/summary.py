@@ -132,17 +132,6 @@ def summarize_diff(
     similarities are over compared pairs that have them."""
     counts = Counter(p.status for p in pairs)
     compared = [p for p in pairs if p.status == COMPARED]
-    first = [p for p in compared if p.slot == 0]
-    flips = [(p, f) for p in first if (f := flipped(p)) is not None]
-    per_class_flips: dict[str, list[bool]] = {}
-    for p, f in flips:
-        per_class_flips.setdefault(_get(p.a, "pred_label"), []).append(f)
-    per_class: dict[str, list[Pair]] = {}
-    for p in compared:
-        per_class.setdefault(_get(p.a, "target_label"), []).append(p)
-    flip_count = sum(f for _, f in flips)
-    measured = [p for p in compared if "spearman" in p.values or "ssim" in p.values]
-    least = sorted(measured, key=lambda p: (p.values.get("spearman", p.values.get("ssim", 0.0)), p.path, p.slot))
     return {
         "tool": "gradcam-cli",
         "version": __version__,
@@ -156,36 +145,60 @@ def summarize_diff(
             "pairs": len(pairs),
             **{s: counts.get(s, 0) for s in STATUSES},
         },
-        "flips": {
-            "images": len(flips),
-            "flipped": flip_count,
-            "rate": rounded(flip_count / len(flips)) if flips else None,
-            "per_class": [
-                {"class": name, "images": len(fs), "flipped": sum(fs), "rate": rounded(sum(fs) / len(fs))}
-                for name, fs in sorted(per_class_flips.items(), key=lambda kv: kv[0].lower())
-            ],
-        },
+        "flips": _flips([p for p in compared if p.slot == 0]),
         "similarity": {m: distribution([p.values[m] for p in compared if m in p.values]) for m in MEASURES},
-        "per_class": [
-            {
-                "class": name,
-                "pairs": len(ps),
-                **{f"mean_{m}": _mean([p.values[m] for p in ps if m in p.values]) for m in MEASURES},
-            }
-            for name, ps in sorted(per_class.items(), key=lambda kv: kv[0].lower())
-        ],
-        "least_similar": [
-            {
-                "path": p.path,
-                "slot": p.slot,
-                "pred_a": _get(p.a, "pred_label"),
-                "pred_b": _get(p.b, "pred_label"),
-                **{m: rounded(p.values[m]) for m in MEASURES if m in p.values},
-            }
-            for p in least[:worst]
-        ],
+        "per_class": _per_class(compared),
+        "least_similar": _least_similar(compared, worst),
         "settings": settings_compared(*runs),
     }
+
+
+def _by_class(pairs: Sequence[Pair], column: str) -> list[tuple[str, list[Pair]]]:
+    """Pairs grouped by A's value of `column` (a class name), the groups in case-insensitive name order."""
+    groups: dict[str, list[Pair]] = {}
+    for p in pairs:
+        groups.setdefault(_get(p.a, column), []).append(p)
+    return sorted(groups.items(), key=lambda kv: kv[0].lower())
+
+
+def _flips(first: Sequence[Pair]) -> dict[str, Any]:
+    """How many images changed their top-1 class, overall and by A's predicted class."""
+    judged = [p for p in first if flipped(p) is not None]
+
+    def block(ps: Sequence[Pair]) -> dict[str, Any]:
+        n = sum(bool(flipped(p)) for p in ps)
+        return {"images": len(ps), "flipped": n, "rate": rounded(n / len(ps)) if ps else None}
+
+    per_class = [{"class": name, **block(ps)} for name, ps in _by_class(judged, "pred_label")]
+    return {**block(judged), "per_class": per_class}
+
+
+def _per_class(compared: Sequence[Pair]) -> list[dict[str, Any]]:
+    """The mean of each measure by A's target class."""
+    return [
+        {
+            "class": name,
+            "pairs": len(ps),
+            **{f"mean_{m}": _mean([p.values[m] for p in ps if m in p.values]) for m in MEASURES},
+        }
+        for name, ps in _by_class(compared, "target_label")
+    ]
+
+
+def _least_similar(compared: Sequence[Pair], worst: int) -> list[dict[str, Any]]:
+    """The `worst` pairs with the lowest Spearman (SSIM where Spearman is undefined)."""
+    measured = [p for p in compared if "spearman" in p.values or "ssim" in p.values]
+    least = sorted(measured, key=lambda p: (p.values.get("spearman", p.values.get("ssim", 0.0)), p.path, p.slot))
+    return [
+        {
+            "path": p.path,
+            "slot": p.slot,
+            "pred_a": _get(p.a, "pred_label"),
+            "pred_b": _get(p.b, "pred_label"),
+            **{m: rounded(p.values[m]) for m in MEASURES if m in p.values},
+        }
+        for p in least[:worst]
+    ]
 
 
 def _mean(values: Sequence[float]) -> float | None:
