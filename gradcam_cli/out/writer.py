@@ -13,7 +13,7 @@ import contextlib
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -33,7 +33,9 @@ class OutputWriter:
 
     With `fsync`, each file and its folder reach the disk before the CSV row that names it, and the CSV after
     each batch's rows: a power cut then loses at most the batches in flight, never a row without its files.
-    `rows_written` counts the rows appended by this writer (not those kept from an earlier run).
+    `rows_written` counts the rows appended by this writer (not those kept from an earlier run), and
+    `images_written` the images they are of, by the status of each image's first row: what is on disk, so a
+    run stopped between explaining a batch and writing it never reports that batch as done.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class OutputWriter:
         self.out = out
         self.fsync = fsync
         self.rows_written = 0
+        self.images_written: Counter[str] = Counter()
         self.csv_path = csv_path
         self._root = os.path.realpath(out)
         self._safe_dirs: set[str] = set()
@@ -121,6 +124,7 @@ class OutputWriter:
                 raise
             raise fault from None
         self.rows_written += len(rows)
+        self.images_written.update({row.path: row.status for row in reversed(rows)}.values())
 
     def _commit(self, block: bool) -> None:
         while self.pending and (block or all(f.done() for f in self.pending[0][0])):

@@ -139,6 +139,7 @@ def _run(
                 writer.close()
             finally:
                 restore_pillow_blocks(blocks)
+                tally.count_written(writer.images_written)
                 tally.stages["write_threads"] = writer.write_seconds
                 loop.report(tally)
                 tally.stop_clock()
@@ -149,7 +150,7 @@ def _run(
             if not isinstance(exc, MachineFault):
                 raise  # run.json could not say it; the disk's fault is the news then
         if isinstance(exc, MachineFault):
-            done = share.resumed + (writer.rows_written if writer is not None else 0)
+            done = share.resumed + (sum(writer.images_written.values()) if writer is not None else 0)
             raise MachineFault(
                 f"{exc}; stopped after {done} of {len(plan.files)} images (kept in {plan.folder.path}): "
                 f"{_free_and_resume(plan)}"

@@ -79,7 +79,6 @@ class BatchLoop:
                     files = self.renderer.render(batch, result, rows)
                 if evaluator is not None:
                     evaluator.add_columns(batch, x, result, rows)
-            tally.count(rows)
             writer.submit_batch(files, [row for index in sorted(rows) for row in rows[index]])
             if progress is not None:
                 progress(len(rows))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from gradcam_cli.errors import ExitCode
 from gradcam_cli.out.manifest import timing
-from gradcam_cli.out.table import Row
 
 
 @dataclass
@@ -63,16 +62,12 @@ class Tally:
         finally:
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
 
-    def count(self, rows: Mapping[int, Sequence[Row]]) -> None:
-        """One batch's rows by image: an image counts by its first row's status."""
-        for image_rows in rows.values():
-            status = image_rows[0].status
-            if status == "ok":
-                self.ok += 1
-            elif status == "skipped":
-                self.skipped += 1
-            else:
-                self.errors += 1
+    def count_written(self, images: Mapping[str, int]) -> None:
+        """The counts of the images the writer put on disk, by their first row's status (`OutputWriter.
+        images_written`): counted from the CSV's side, a run stopped between explaining a batch and writing it
+        never reports that batch as done."""
+        self.ok, self.skipped = images.get("ok", 0), images.get("skipped", 0)
+        self.errors = sum(n for status, n in images.items() if status not in ("ok", "skipped"))
 
     def stop_clock(self) -> None:
         self.seconds = time.perf_counter() - self.started
