@@ -329,24 +329,22 @@ def explain(inputs: tuple[str, ...], out: str, config: str | None, **flags: Any)
 
 
 def _report_audit(result: Any, log: Callable[[str], None]) -> None:
-    """Summary lines (unless quiet) and one stderr line per gate; failed gates are printed even when quiet."""
     from gradcam_cli.audit.summary import summary_lines
 
-    for line in summary_lines(result):
-        log(line)
-    for gate in result.gates:
-        if gate.passed:
-            log(gate.message())
-        else:
-            click.echo(f"Error: {gate.message()}", err=True)
+    _report(summary_lines(result), result.gates, log)
 
 
 def _report_diff(result: Any, log: Callable[[str], None]) -> None:
     from gradcam_cli.audit.diff.compare import summary_lines
 
-    for line in summary_lines(result):
+    _report(summary_lines(result), result.gates, log)
+
+
+def _report(lines: list[str], gates: Any, log: Callable[[str], None]) -> None:
+    """Summary lines (unless quiet) and one stderr line per gate; failed gates are printed even when quiet."""
+    for line in lines:
         log(line)
-    for gate in result.gates:
+    for gate in gates:
         if gate.passed:
             log(gate.message())
         else:

@@ -192,14 +192,14 @@ def report(
         "lowConfidence": low_confidence,
         "truthKnown": truth.known,
     }
-    html = _page(page_title, payload)
+    html = inline_page(ASSETS, "report", page_title, payload)
     path = folder.file(names.REPORT)
     atomic_write(path, html.encode("utf-8"))
     log(f"report: {len(records)} rows, {len(jobs)} thumbnails -> {path}")
     return path
 
 
-def script_json(data: Any) -> str:
+def _script_json(data: Any) -> str:
     """JSON safe inside <script>: no '<' (so no '</script>'), and U+2028/2029 escaped."""
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return text.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
@@ -212,11 +212,12 @@ def _escape_html(text: str) -> str:
 ASSETS = Path(__file__).with_name("assets")
 
 
-def _page(title: str, payload: Mapping[str, Any]) -> str:
-    """The template with its CSS, JS and data inlined: one file, nothing to fetch."""
-    template = (ASSETS / "report.html").read_text(encoding="utf-8")
-    css = (ASSETS / "report.css").read_text(encoding="utf-8")
-    js = (ASSETS / "report.js").read_text(encoding="utf-8")
-    parts = {"TITLE": _escape_html(title), "CSS": css, "JS": js, "DATA": script_json(payload)}
+def inline_page(assets: Path, name: str, title: str, payload: Mapping[str, Any]) -> str:
+    """The template `name`.html of `assets` with its CSS (`name`.css), JS (`name`.js) and data inlined: one
+    file, nothing to fetch. report.html and diff.html are both made so."""
+    template = (assets / f"{name}.html").read_text(encoding="utf-8")
+    css = (assets / f"{name}.css").read_text(encoding="utf-8")
+    js = (assets / f"{name}.js").read_text(encoding="utf-8")
+    parts = {"TITLE": _escape_html(title), "CSS": css, "JS": js, "DATA": _script_json(payload)}
     # one pass, so that a placeholder-like string inside the data or the title is never substituted again
     return re.sub(r"__(TITLE|CSS|JS|DATA)__", lambda m: parts[m.group(1)], template)

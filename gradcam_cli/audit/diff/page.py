@@ -6,7 +6,6 @@ parallel, as the report does."""
 from __future__ import annotations
 
 import io
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,7 @@ from PIL import Image
 
 from gradcam_cli.audit.diff.pairs import REDUCED, Pair
 from gradcam_cli.audit.diff.similarity import difference_picture
-from gradcam_cli.audit.report import make_thumbnail, script_json
+from gradcam_cli.audit.report import inline_page, make_thumbnail
 from gradcam_cli.out import names
 from gradcam_cli.out.files import atomic_write
 
@@ -104,16 +103,6 @@ def write_page(result: DiffResult, dir_a: Path, dir_b: Path, threads: int = 2) -
                 rec[key] = ""
     title = f"gradcam diff: {Path(result.summary['a']).name} vs {Path(result.summary['b']).name}"
     path = result.folder / names.DIFF_REPORT
-    atomic_write(path, _page(title, {"summary": result.summary, "rows": records}).encode("utf-8"))
+    page = inline_page(ASSETS, "diff", title, {"summary": result.summary, "rows": records})
+    atomic_write(path, page.encode("utf-8"))
     return path
-
-
-def _page(title: str, payload: dict[str, Any]) -> str:
-    template = (ASSETS / "diff.html").read_text(encoding="utf-8")
-    parts = {
-        "TITLE": title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"),
-        "CSS": (ASSETS / "diff.css").read_text(encoding="utf-8"),
-        "JS": (ASSETS / "diff.js").read_text(encoding="utf-8"),
-        "DATA": script_json(payload),
-    }
-    return re.sub(r"__(TITLE|CSS|JS|DATA)__", lambda m: parts[m.group(1)], template)
