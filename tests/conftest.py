@@ -180,3 +180,23 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def photos(tmp_path: Path, make_image: Callable[..., Path]) -> Path:
+    """Two small generated photos, one PNG and one JPEG, in tmp_path/photos."""
+    make_image(tmp_path / "photos" / "a.png", size=(80, 60), seed=1)
+    make_image(tmp_path / "photos" / "b.jpg", size=(50, 70), seed=2)
+    return tmp_path / "photos"
+
+
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No network, and an empty Hugging Face cache of this test's own (the model-source tests use it)."""
+    from helpers import no_network
+
+    no_network(monkeypatch)
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache

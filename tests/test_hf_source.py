@@ -7,14 +7,13 @@ errors. Sockets refuse to connect throughout."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_usage_error, invoke, no_network, rows_of
+from helpers import assert_usage_error, invoke, rows_of
 
 from gradcam_cli import load_settings
 from gradcam_cli.model.hf_source import processor_cfg
@@ -23,7 +22,7 @@ from gradcam_cli.model.loading import IMAGENET_MEAN, IMAGENET_STD, load_model
 
 transformers = pytest.importorskip("transformers")  # in the test extra
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "offline_hub")
 
 NAMES = {0: "tabby", 1: "espresso", 2: "lighthouse"}
 LABELS = {"num_labels": 3, "id2label": NAMES, "label2id": {v: k for k, v in NAMES.items()}}
@@ -108,23 +107,6 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     transformers.utils.logging.disable_progress_bar()
     return {name: _save(model, proc, root / name) for name, (model, proc) in _models().items()}
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No network, and an empty Hugging Face cache of this test's own."""
-    no_network(monkeypatch)
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
-
-
-@pytest.fixture
-def photos(tmp_path: Path, make_image: Callable[..., Path]) -> Path:
-    make_image(tmp_path / "photos" / "a.png", size=(80, 60), seed=1)
-    make_image(tmp_path / "photos" / "b.jpg", size=(50, 70), seed=2)
-    return tmp_path / "photos"
 
 
 def explain_hf(photos: Path, out: Path, model: str, *extra: Any) -> Any:
@@ -219,15 +201,15 @@ def test_crop_mode_follows_the_processors_resize_and_crop(folders: dict[str, Pat
     assert (spec.mode, spec.resize_size, spec.size) == ("crop", 72, (64, 64))
 
 
-def test_a_repo_id_from_the_cache(folders: dict[str, Path], offline: Path, photos: Path, tmp_path: Path) -> None:
+def test_a_repo_id_from_the_cache(folders: dict[str, Path], offline_hub: Path, photos: Path, tmp_path: Path) -> None:
     missing = invoke("explain", photos, "-o", tmp_path / "out", "--model", "hf:acme/tiny-vit")
     line = assert_usage_error(missing, "hf:acme/tiny-vit", "not in the Hugging Face cache", "models--acme--tiny-vit")
-    assert str(offline) in line
+    assert str(offline_hub) in line
 
-    snapshot = offline / "models--acme--tiny-vit" / "snapshots" / "feedface"
+    snapshot = offline_hub / "models--acme--tiny-vit" / "snapshots" / "feedface"
     snapshot.parent.mkdir(parents=True)
-    (offline / "models--acme--tiny-vit" / "refs").mkdir()
-    (offline / "models--acme--tiny-vit" / "refs" / "main").write_text("feedface", encoding="utf-8")
+    (offline_hub / "models--acme--tiny-vit" / "refs").mkdir()
+    (offline_hub / "models--acme--tiny-vit" / "refs" / "main").write_text("feedface", encoding="utf-8")
     import shutil
 
     shutil.copytree(folders["vit"], snapshot)

@@ -144,13 +144,6 @@ def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return "gradcam_test_factories"
 
 
-@pytest.fixture
-def photos(tmp_path: Path, make_image: Callable[..., Path]) -> Path:
-    make_image(tmp_path / "photos" / "a.png", size=(80, 60), seed=1)
-    make_image(tmp_path / "photos" / "b.jpg", size=(50, 70), seed=2)
-    return tmp_path / "photos"
-
-
 def run(photos: Path, out: Path, **settings: Any) -> tuple[list[dict[str, str]], list[str]]:
     messages: list[str] = []
     summary = explain(

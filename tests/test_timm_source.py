@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import assert_usage_error, invoke, no_network, rows_of
+from helpers import assert_usage_error, invoke, rows_of
 
 from gradcam_cli import load_settings
 from gradcam_cli.data.decode import decode_rgb, model_input
@@ -24,26 +24,9 @@ from gradcam_cli.model.loading import load_model
 
 timm = pytest.importorskip("timm")  # in the test extra; the import is what the tests below are about
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "offline_hub")
 
 TINY_VIT = {"depth": 2, "img_size": 64}  # vit_tiny_patch16_224 cut to 2 blocks and 64 px: a 4x4 patch grid
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No network, and an empty Hugging Face cache of this test's own."""
-    no_network(monkeypatch)
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
-
-
-@pytest.fixture
-def photos(tmp_path: Path, make_image: Callable[..., Path]) -> Path:
-    make_image(tmp_path / "photos" / "a.png", size=(80, 60), seed=1)
-    make_image(tmp_path / "photos" / "b.jpg", size=(50, 70), seed=2)
-    return tmp_path / "photos"
 
 
 def config(tmp_path: Path, **keys: Any) -> Path:
@@ -155,17 +138,17 @@ def _cache_snapshot(cache: Path, repo: str, files: dict[str, Callable[[Path], No
     return snapshot
 
 
-def test_default_weights_come_from_the_local_cache_only(offline: Path, tmp_path: Path, photos: Path) -> None:
+def test_default_weights_come_from_the_local_cache_only(offline_hub: Path, tmp_path: Path, photos: Path) -> None:
     from safetensors.torch import save_file
 
     out = tmp_path / "out"
     missing = invoke("explain", photos, "-o", out, "--model", "timm:resnet18", "--workers", "0")
-    line = assert_usage_error(missing, "--weights DEFAULT", "timm/resnet18.a1_in1k", str(offline))
+    line = assert_usage_error(missing, "--weights DEFAULT", "timm/resnet18.a1_in1k", str(offline_hub))
     assert "nothing is downloaded" in line and not out.exists()
 
     torch.manual_seed(123)
     state = timm.create_model("resnet18").state_dict()
-    _cache_snapshot(offline, "timm/resnet18.a1_in1k", {"model.safetensors": lambda p: save_file(state, str(p))})
+    _cache_snapshot(offline_hub, "timm/resnet18.a1_in1k", {"model.safetensors": lambda p: save_file(state, str(p))})
     loaded = load_model(load_settings(None, model="timm:resnet18"))  # --weights not given: DEFAULT
     assert loaded.weights == "DEFAULT (timm/resnet18.a1_in1k)"
     assert torch.equal(loaded.model.fc.weight, state["fc.weight"])
