@@ -24,6 +24,7 @@ from gradcam_cli.config import (
     FUSE_MODES,
     METHOD_NAMES,
     PREPROCESS_MODES,
+    RANDOMIZATION_MODES,
     check_audit_settings,
     check_diff_gates,
     load_settings,
@@ -230,6 +231,25 @@ def main() -> None:
 )
 @click.option(
     "--metric-batch-size", type=int, help="Images per forward in the metric passes. [default: 4 x --batch-size]"
+)
+@click.option(
+    "--randomization",
+    type=click.Choice(RANDOMIZATION_MODES),
+    help="The randomization metric: head re-initialises the layers after the target layer at once; cascade then "
+    "goes on down the model one block at a time and saves each map's curve. [default: head]",
+)
+@click.option(
+    "--sensitivity-samples", type=int, help="Noisy copies of each image for the sensitivity metric. [default: 10]"
+)
+@click.option(
+    "--sensitivity-radius",
+    type=float,
+    help="Half-width of the sensitivity metric's uniform noise, in pixel units of [0, 1] images. [default: 0.05]",
+)
+@click.option(
+    "--groups",
+    help="Slice the summary by group: a CSV of path,<attribute>... (e.g. path,site,camera) or folders:N (the N-th "
+    "folder of each path).",
 )
 @click.option("--boxes", help="Boxes for pointing/energy: CSV path,x0,y0,x1,y1,label, COCO JSON, or a VOC XML folder.")
 @click.option("--masks", help="Folder of binary PNG masks mirroring the input tree (for pointing/energy).")

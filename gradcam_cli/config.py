@@ -34,6 +34,7 @@ DEFAULT_MAX_PIXELS = 89_478_485
 DECODE_MODES: tuple[str, ...] = ("auto", "workers", "device")
 MAX_INPUT_SIDE = 4096
 BASELINES: tuple[str, ...] = ("blur", "zero", "mean")
+RANDOMIZATION_MODES: tuple[str, ...] = ("head", "cascade")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class Settings:
     steps: int = 20
     baseline: str = "blur"
     metric_batch_size: int | None = None
+    randomization: str = "head"  # head: the layers after the target at once; cascade: then block by block down
+    sensitivity_samples: int = 10
+    sensitivity_radius: float = 0.05  # half-width of the uniform noise, in pixel units of [0, 1] images
+    groups: str | None = None  # a CSV of path,<attribute>... or folders:N
     boxes: str | None = None
     masks: str | None = None
     summary: bool = False
@@ -382,6 +387,10 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "steps": _v_steps,
     "baseline": _v_choice(BASELINES),
     "metric_batch_size": _v_optional_positive_int,
+    "randomization": _v_choice(RANDOMIZATION_MODES),
+    "sensitivity_samples": _v_positive_int,
+    "sensitivity_radius": _v_positive_number,
+    "groups": _v_optional_str,
     "boxes": _v_optional_str,
     "masks": _v_optional_str,
     "summary": _v_bool,

@@ -41,7 +41,10 @@ BASE_HEADER = (
 )
 CAM_HEADER = ",true_index,true_label,correct,guided"
 # every metric column is in every run's header (empty unless measured), after the truth and guided columns
-METRIC_HEADER = ",deletion_auc,insertion_auc,avg_drop,increase,pointing_hit,energy_in_box"
+METRIC_HEADER = (
+    ",deletion_auc,insertion_auc,avg_drop,increase,pointing_hit,energy_in_box"
+    ",randomization,random_logit,max_sensitivity,sparseness,complexity,road_morf,road_lerf,road_combined"
+)
 HEADER = BASE_HEADER + CAM_HEADER + METRIC_HEADER
 STEPS = 5
 

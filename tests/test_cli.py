@@ -31,7 +31,8 @@ CSV_HEADER = (
     # appended later (the contract allows new columns at the end only); the metric columns are empty without
     # --metrics
     "true_index,true_label,correct,guided,"
-    "deletion_auc,insertion_auc,avg_drop,increase,pointing_hit,energy_in_box"
+    "deletion_auc,insertion_auc,avg_drop,increase,pointing_hit,energy_in_box,"
+    "randomization,random_logit,max_sensitivity,sparseness,complexity,road_morf,road_lerf,road_combined"
 )
 # resnet18 downsamples by 32; its weights' transforms feed it 224 px, so layer4 is 7x7 for any image size
 RESNET_STRIDE = 32

@@ -362,6 +362,7 @@ def test_metric_passes_halve_their_chunk_on_oom_after_releasing_the_failed_attem
     import gc
     import weakref
 
+    from gradcam_cli.audit.batch_maps import PassSetup
     from gradcam_cli.audit.evaluate import Evaluator
     from gradcam_cli.config import Settings
     from gradcam_cli.model.loading import InputSpec, LoadedModel
@@ -387,7 +388,8 @@ def test_metric_passes_halve_their_chunk_on_oom_after_releasing_the_failed_attem
 
     spec = InputSpec(size=(96, 96), resize_size=96, mean=(0.5,) * 3, std=(0.5,) * 3)
     x = _inputs()
-    evaluator = Evaluator(Settings(), LoadedModel(TightMemory(), "tiny", "none", spec, []), torch.device("cpu"), None)
+    loaded = LoadedModel(TightMemory(), "tiny", "none", spec, [])
+    evaluator = Evaluator(PassSetup(Settings(), loaded, {}, torch.device("cpu"), None, None))
     with torch.no_grad():
         whole = tiny(x)
     torch.testing.assert_close(evaluator.forward(x), whole)

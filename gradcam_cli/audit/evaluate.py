@@ -1,45 +1,57 @@
 """Per-batch evaluation during `explain`: the metric columns and the `--only-below` selection.
 
 The batch loop makes two calls into an `Evaluator` (there is none when neither a metric nor --only-below is
-asked for): `skip_confident` before the engine runs, and `add_columns` after the rows are made. The maths is
-in `measures` (pure tensor functions); this module feeds it a batch's inputs, CAMs and annotations, and turns
-the results into CSV values.
+asked for): `skip_confident` before the engine runs, and `add_columns` after the rows are made. The metrics
+come in families (`PASSES`), each a `MetricPass` in a module of its own that measures a batch's maps
+(`batch_maps`); this module groups a batch's maps by name, runs the passes that were asked for, times each
+(`metric:<names>` in run.json's stages), and puts their values into the matching rows.
 
-Costs, per batch of B images, T targets and L layers (M = B*T*L maps), with S = `steps`:
-deletion + insertion: M * 2 * (S - 1) + B forwards (the image's own probability comes from the engine's
-forward, the baseline is shared by an image's maps); drop: M forwards; pointing/energy: no forward (one
-upsampling to the original size per map). The forwards go through the model `metric_batch_size` images at a
-time, without autograd, under the run's --amp and --channels-last settings.
+Every forward a pass makes goes through the model `metric_batch_size` images at a time, without autograd,
+under the run's --amp and --channels-last settings; what each pass costs per map is in its docstring.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from gradcam_cli.audit import measures as M
-from gradcam_cli.audit.annotations import Annotations, load_annotations, read_mask
-from gradcam_cli.audit.metrics import metric_columns
-from gradcam_cli.cam.engine import CamResult
+from gradcam_cli.audit.annotations import load_annotations
+from gradcam_cli.audit.batch_maps import BatchContext, Files, LayerMaps, MetricPass, PassSetup
+from gradcam_cli.audit.concentration import ConcentrationPass
+from gradcam_cli.audit.faithfulness import PerturbationPass
+from gradcam_cli.audit.localisation import AnnotationPass
+from gradcam_cli.cam.engine import CamEngine, CamResult, run_batch
 from gradcam_cli.config import Settings
 from gradcam_cli.data.batches import Batch, subset_batch
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.model.forward import autocast, logits_of, split_on_oom
 from gradcam_cli.model.labels import label_of
 from gradcam_cli.model.loading import LoadedModel
+from gradcam_cli.out.names import OutputNames
 from gradcam_cli.out.table import Row
-from gradcam_cli.render.heatmap import upsample_normalize
 
 Rows = dict[int, list[Row]]
 
+# every metric family, in the order they run on a batch (the cheap ones first)
+PASSES: tuple[Callable[[PassSetup], MetricPass], ...] = (
+    ConcentrationPass,
+    AnnotationPass,
+    PerturbationPass,
+)
 
-def audit_manifest(s: Settings) -> dict[str, Any]:
-    """The audit settings of a run for run.json, so that `gradcam audit`/`report` can tell how OUT was made."""
+
+def audit_manifest(s: Settings, evaluator: Evaluator | None = None) -> dict[str, Any]:
+    """The audit settings of a run for run.json, so that `gradcam audit`/`report` can tell how OUT was made;
+    with the evaluator, also what each metric pass records about how it measured (seeds, layers, ...)."""
+    passes: dict[str, Any] = {}
+    if evaluator is not None:
+        for metric_pass in evaluator.passes:
+            passes.update(metric_pass.manifest())
     return {
         "metrics": list(s.metrics),
         "steps": s.steps,
@@ -48,32 +60,46 @@ def audit_manifest(s: Settings) -> dict[str, Any]:
         "masks": str(Path(s.masks).resolve()) if s.masks else None,
         "only_below": s.only_below,
         "sample_rate": s.sample_rate,
+        "seed": s.seed,
+        **passes,
     }
 
 
 class Evaluator:
     """Metric columns and `--only-below` for one run; build with `Evaluator.create` (None when not needed)."""
 
-    def __init__(
-        self, settings: Settings, loaded: LoadedModel, device: torch.device, annotations: Annotations | None
-    ) -> None:
+    def __init__(self, setup: PassSetup) -> None:
+        settings, loaded, device = setup.settings, setup.loaded, setup.device
         self.settings = settings
         self.model = loaded.model
         self.labels = list(loaded.labels)
         mean = torch.tensor(loaded.spec.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(loaded.spec.std, device=device).view(1, 3, 1, 1)
         self.black = (0.0 - mean) / std  # a black pixel, normalised
-        self.annotations = annotations
         self.metrics = tuple(settings.metrics)
-        self.columns = metric_columns(self.metrics)
         self.chunk = settings.metric_batch_size or 4 * settings.batch_size
-        self.stage_seconds = {"select": 0.0, "metrics": 0.0} if settings.only_below else {"metrics": 0.0}
+        asked = set(self.metrics)
+        self.passes: list[MetricPass] = [p for make in PASSES if asked & set((p := make(setup)).metrics)]
+        self.stage_seconds = {"select": 0.0} if settings.only_below else {}
+        self.stage_seconds["metrics"] = 0.0
+        self.stage_seconds.update({self._stage(p): 0.0 for p in self.passes})
+
+    def _stage(self, metric_pass: MetricPass) -> str:
+        return "metric:" + "+".join(m for m in metric_pass.metrics if m in self.metrics)
 
     @staticmethod
-    def create(settings: Settings, loaded: LoadedModel, rels: Sequence[str], device: torch.device) -> Evaluator | None:
+    def create(
+        settings: Settings,
+        loaded: LoadedModel,
+        rels: Sequence[str],
+        device: torch.device,
+        layers: Mapping[str, nn.Module] | None = None,
+        outputs: OutputNames | None = None,
+    ) -> Evaluator | None:
         """An evaluator for a run over images `rels`, or None when it needs none (no metrics, no --only-below).
 
-        Annotations are read and their labels resolved here, before anything runs: a typo is one line, exit 2.
+        `layers` are the run's target layers by name, `outputs` its file names. Annotations are read and their
+        labels resolved here, before anything runs: a typo is one line, exit 2.
         """
         if not settings.metrics and settings.only_below is None:
             return None
@@ -86,7 +112,7 @@ class Evaluator:
                     f"--boxes {settings.boxes}: none of its {annotated} annotated paths matches an input image "
                     "(paths are relative to the INPUT folder, as in predictions.csv)"
                 )
-        return Evaluator(settings, loaded, device, annotations)
+        return Evaluator(PassSetup(settings, loaded, dict(layers or {}), device, annotations, outputs))
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits without autograd, as the run's forward (amp, channels_last); halves the chunk on device OOM."""
@@ -127,13 +153,37 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------------------ metrics
 
-    def add_columns(self, batch: Batch, x: Tensor, result: CamResult, rows: Rows) -> None:
-        """Compute every asked metric for every (image, target, layer) map of the batch and write the values
-        into the matching `ok` rows (matched by image, layer and target index)."""
-        if not self.metrics:
-            return
+    def add_columns(self, batch: Batch, x: Tensor, result: CamResult, rows: Rows, engine: CamEngine) -> Files:
+        """Compute every asked metric for every (image, target, map) of the batch, write the values into the
+        matching `ok` rows (by image, map name and target index), and return the files passes want written.
+
+        `engine` (inside its `with` block) lets a pass explain the batch again: other classes, other weights,
+        noisy inputs."""
+        if not self.passes:
+            return []
         t0 = time.perf_counter()
-        maps: list[tuple[int, str, int, int]] = []  # (position in batch, layer, slot, class)
+        layers = self._layer_maps(batch, x, result, rows)
+        ctx = BatchContext(self.settings, batch, x, result, self.black, self.chunk, self.forward, self._explain(engine))
+        for metric_pass in self.passes if layers else []:
+            t_pass = time.perf_counter()
+            metric_pass.measure(ctx, layers)
+            self.stage_seconds[self._stage(metric_pass)] += time.perf_counter() - t_pass
+        lookup = {
+            (batch.indices[pos], maps.name, cls): value
+            for maps in layers
+            for pos, cls, value in zip(maps.image_of.tolist(), maps.classes.tolist(), maps.values, strict=True)
+        }
+        for index in batch.indices:
+            for row in rows.get(index, []):
+                if row.status == "ok":
+                    row.metrics.update(lookup.get((index, row.layer, int(row.target_index)), {}))
+        self.stage_seconds["metrics"] += time.perf_counter() - t0
+        return ctx.files
+
+    @staticmethod
+    def _layer_maps(batch: Batch, x: Tensor, result: CamResult, rows: Rows) -> list[LayerMaps]:
+        """The batch's maps that have an `ok` row, grouped by map name; a class asked for twice is measured once."""
+        found: dict[str, list[tuple[int, int, int]]] = {}  # name -> (position in batch, slot, class)
         for pos, index in enumerate(batch.indices):
             if not rows.get(index) or rows[index][0].status != "ok":
                 continue
@@ -141,99 +191,21 @@ class Evaluator:
             for name in result.cams:
                 seen: set[int] = set()
                 for t, cls in enumerate(result.targets[pos].tolist()):
-                    if cls in seen or (name, cls) not in wanted:
-                        continue
-                    seen.add(cls)
-                    maps.append((pos, name, t, cls))
-        if not maps:
-            return
-        values: list[dict[str, str]] = [{} for _ in maps]
-        by_layer: dict[str, list[int]] = {}
-        for j, (_pos, name, _t, _cls) in enumerate(maps):
-            by_layer.setdefault(name, []).append(j)
-        perturbs = any(m in self.metrics for m in M.PERTURBATION_MODES)
-        base = M.baseline_images(x, self.settings.baseline, self.black) if perturbs else None
-        for name, js in by_layer.items():
-            pos_t = torch.tensor([maps[j][0] for j in js], device=x.device)
-            slot_t = torch.tensor([maps[j][2] for j in js], device=x.device)
-            cls_t = torch.tensor([maps[j][3] for j in js], device=x.device)
+                    if cls not in seen and (name, cls) in wanted:
+                        seen.add(cls)
+                        found.setdefault(name, []).append((pos, t, cls))
+        size = (int(x.shape[2]), int(x.shape[3]))
+        layers = []
+        for name, entries in found.items():
+            pos_t, slot_t, cls_t = torch.tensor(entries, device=x.device).unbind(dim=1)
             cams = result.cams[name][pos_t, slot_t]  # (m, h', w')
-            self._input_metrics(x, base, cams, pos_t, cls_t, result.probs, [values[j] for j in js])
-            if "pointing" in self.metrics or "energy" in self.metrics:
-                self._annotation_metrics(batch, cams, [maps[j] for j in js], [values[j] for j in js])
-        lookup = {(batch.indices[pos], name, cls): values[j] for j, (pos, name, _t, cls) in enumerate(maps)}
-        for index in batch.indices:
-            for row in rows.get(index, []):
-                if row.status == "ok":
-                    row.metrics.update(lookup.get((index, row.layer, int(row.target_index)), {}))
-        self.stage_seconds["metrics"] += time.perf_counter() - t0
+            layers.append(LayerMaps(name, cams, pos_t, slot_t, cls_t, [batch.rels[e[0]] for e in entries], size))
+        return layers
 
-    def _input_metrics(
-        self,
-        x: Tensor,
-        base: Tensor | None,
-        cams: Tensor,
-        image_of: Tensor,
-        classes: Tensor,
-        probs: Tensor,
-        out: list[dict[str, str]],
-    ) -> None:
-        """deletion/insertion AUC and drop/increase, on maps at the model-input resolution."""
-        saliency = M.input_maps(cams, (x.shape[2], x.shape[3]))
-        modes = tuple(m for m in M.PERTURBATION_MODES if m in self.metrics)
-        if modes and base is not None:
-            curves = M.perturbation_curves(
-                self.forward,
-                x,
-                base,
-                saliency,
-                image_of,
-                classes,
-                self.settings.steps,
-                modes=modes,
-                chunk=self.chunk,
-                p_image=probs,
-            )
-            for mode in modes:
-                for slot, value in zip(out, M.auc(curves[mode]).tolist(), strict=True):
-                    slot[f"{mode}_auc"] = f"{value:.6f}"
-        if "drop" in self.metrics:
-            p_full = probs[image_of, classes].float()
-            masked_p = []
-            for i in range(0, saliency.shape[0], self.chunk):
-                masked = M.masked_by_saliency(x[image_of[i : i + self.chunk]], saliency[i : i + self.chunk], self.black)
-                p = self.forward(masked).softmax(dim=1)
-                masked_p.append(p[torch.arange(p.shape[0], device=p.device), classes[i : i + self.chunk]])
-            p_masked = torch.cat(masked_p)
-            drops = M.average_drop(p_full, p_masked).tolist()
-            increases = M.increase_in_confidence(p_full, p_masked).tolist()
-            for slot, drop, inc in zip(out, drops, increases, strict=True):
-                slot["avg_drop"] = f"{drop:.4f}"
-                slot["increase"] = str(inc)
+    def _explain(self, engine: CamEngine) -> Callable[[Tensor, Tensor], CamResult]:
+        """The run's method again on `x` for fixed (B, T) target classes, under --amp, halving on device OOM."""
 
-    def _annotation_metrics(
-        self, batch: Batch, cams: Tensor, maps: list[tuple[int, str, int, int]], out: list[dict[str, str]]
-    ) -> None:
-        """pointing hit and energy-in-box, on the map at the original image size, as the heatmap is saved."""
-        assert self.annotations is not None
-        masks: dict[int, Tensor | None] = {}
-        for k, (pos, _name, _t, cls) in enumerate(maps):
-            rel = batch.rels[pos]
-            size = batch.sizes[pos]
-            boxes = self.annotations.boxes_for(rel, cls)
-            if pos not in masks:
-                path = self.annotations.mask_path(rel)
-                masks[pos] = torch.from_numpy(read_mask(path, size)).to(cams.device) if path is not None else None
-            mask = masks[pos]
-            if not boxes and mask is None:
-                continue  # nothing annotated for this class: excluded, as in the pointing game
-            heat = upsample_normalize(cams[k], size, batch.boxes[pos])
-            box_t = torch.tensor([[b.x0, b.y0, b.x1, b.y1] for b in boxes], device=cams.device).view(-1, 4)
-            if "pointing" in self.metrics:
-                hit = M.pointing_hit(heat, box_t, mask)
-                out[k]["pointing_hit"] = "" if hit is None else str(hit)
-            if "energy" in self.metrics:
-                region = M.box_region(box_t, size)
-                if mask is not None:
-                    region = region | mask
-                out[k]["energy_in_box"] = f"{M.energy_in_region(heat, region):.6f}"
+        def explain(x: Tensor, targets: Tensor) -> CamResult:
+            return run_batch(engine, x, lambda start, stop: lambda logits: targets[start:stop], self.settings.amp)
+
+        return explain

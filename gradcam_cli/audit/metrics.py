@@ -79,6 +79,65 @@ COLUMNS: tuple[MetricColumn, ...] = (
         "energy-based pointing game: the share of the map inside the annotated region",
         annotated=True,
     ),
+    MetricColumn(
+        "randomization",
+        "randomization",
+        True,
+        "randomization",
+        "Spearman rank correlation of the map with the map once the layers after the target layer are "
+        "re-initialised (Adebayo et al.): high means the map ignores what the model learned",
+    ),
+    MetricColumn(
+        "random_logit",
+        "random_logit",
+        True,
+        "random_logit",
+        "SSIM of the map with the map of a random other class (Sixt et al.): high means it is not class-specific",
+    ),
+    MetricColumn(
+        "max_sensitivity",
+        "sensitivity",
+        True,
+        "sensitivity",
+        "Max-Sensitivity (Yeh et al.): the largest relative change of the map under small uniform input noise",
+    ),
+    MetricColumn(
+        "sparseness",
+        "sparseness",
+        False,
+        "sparseness",
+        "Gini index of the map (Chalasani et al.): 1 when one pixel holds all the evidence, 0 when it is flat",
+    ),
+    MetricColumn(
+        "complexity",
+        "complexity",
+        True,
+        "complexity",
+        "entropy of the map taken as a distribution over pixels (Bhatt et al.): low means concentrated",
+    ),
+    MetricColumn(
+        "road_morf",
+        "road",
+        True,
+        "road_morf",
+        "ROAD most-relevant-first (Rong et al.): mean change of the target probability when the top pixels are "
+        "imputed away, over pytorch-grad-cam's percentiles",
+    ),
+    MetricColumn(
+        "road_lerf",
+        "road",
+        False,
+        "road_lerf",
+        "ROAD least-relevant-first: mean change of the target probability when the least relevant pixels are "
+        "imputed away",
+    ),
+    MetricColumn(
+        "road_combined",
+        "road",
+        False,
+        "road",
+        "ROAD combined: (least-relevant-first - most-relevant-first) / 2, as pytorch-grad-cam's ROADCombined",
+    ),
 )
 METRIC_NAMES: tuple[str, ...] = tuple(dict.fromkeys(c.metric for c in COLUMNS))
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)  # in every predictions.csv, empty unless measured

@@ -78,7 +78,7 @@ class BatchLoop:
                 with tally.stage("render"):
                     files = self.renderer.render(batch, result, rows)
                 if evaluator is not None:
-                    evaluator.add_columns(batch, x, result, rows)
+                    files += evaluator.add_columns(batch, x, result, rows, self.engine)
             writer.submit_batch(files, [row for index in sorted(rows) for row in rows[index]])
             if progress is not None:
                 progress(len(rows))

@@ -119,7 +119,7 @@ class RunPlan:
             "fsync": s.fsync,
             "input_roots": [str(Path(p).resolve()) for p in self.inputs],
             "labels": list(self.model.labels),
-            "audit": audit_manifest(s),
+            "audit": audit_manifest(s, self.evaluator),
             "versions": {
                 "gradcam_cli": __version__,
                 "torch": torch.__version__,
@@ -177,7 +177,8 @@ def plan_run(
     truth = image_truth(settings.truth, roots, loaded.labels, rels, selector.uses_label, notes.append)
     if truth is not None:
         notes.append(f"ground truth: {truth.source} ({truth.known()} of {len(files)} images labelled)")
-    evaluator = Evaluator.create(settings, loaded, rels, device)
+    outputs = OutputNames(settings.save, maps, selector.slots > 1, spec.input_grads)
+    evaluator = Evaluator.create(settings, loaded, rels, device, layers, outputs)
     return RunPlan(
         inputs=tuple(str(p) for p in inputs),
         folder=folder,
@@ -192,7 +193,7 @@ def plan_run(
         truth=truth,
         evaluator=evaluator,
         columns=columns_for(METRIC_COLUMNS),
-        outputs=OutputNames(settings.save, maps, selector.slots > 1, spec.input_grads),
+        outputs=outputs,
         decode_error=decode_error,
         audit=prepare_audit(settings, roots, loaded.labels, rels) if leader else None,
         notes=tuple(notes),
