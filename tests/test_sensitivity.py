@@ -127,7 +127,7 @@ def measure(
 
 
 def seed_of(seed: int, rel: str) -> int:
-    """The documented rule: the first 8 bytes of blake2b('<seed>:<path>'), little-endian, as a 63-bit seed."""
+    """The documented rule: the 8-byte blake2b digest of '<seed>:<path>', little-endian, top bit cleared."""
     return int.from_bytes(hashlib.blake2b(f"{seed}:{rel}".encode(), digest_size=8).digest(), "little") % 2**63
 
 

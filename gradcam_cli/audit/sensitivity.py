@@ -16,18 +16,20 @@ Details that change the number, and why they are what they are:
   a relative change of the map, comparable across images and models.
 - The noise is drawn in pixel units and mapped into the model's normalised space: the model sees
   x_norm + u_s / std, per channel (normalisation is affine per channel, so this is exactly (x + u_s - mean) / std).
-- Noisy pixels are not clipped to [0, 1], as Yeh et al.'s ball and Quantus' default (`uniform_noise`, no
-  clipping): so every pixel gets the same noise distribution, whatever the image's exposure. Clipping would
-  shrink the perturbation of saturated pixels and make the value depend on how many there are.
+- Noisy pixels are not clipped to [0, 1], as in Yeh et al.'s ball and Quantus' default perturbation
+  (`batch_uniform_noise`, which does not clip): so every pixel gets the same noise distribution, whatever the
+  image's exposure. Clipping would shrink the perturbation of saturated pixels and make the value depend on how
+  many there are.
 - The target classes are those of the unperturbed image (`CamResult.targets`), fixed: the metric measures the
   map of one class, not a prediction that flips under noise.
-- The noise of an image comes from its own generator on the CPU, seeded with the first 8 bytes of
-  blake2b("<--seed>:<image path>"): the same image gets the same draws whatever the batch size, the order of
-  the files or the compute device.
+- The noise of an image comes from its own generator on the CPU, seeded with the 8-byte blake2b digest of
+  "<--seed>:<image path>" (little-endian, top bit cleared): the same image gets the same draws whatever the
+  batch size, the order of the files, the rank or the compute device.
 - An all-zero map (a constant CAM, `input_maps`) has no relative change: its cell is left empty.
 
 Cost: N extra forward + backward passes of the batch through the engine (the run's method, with its hooks), so
-about N times the explanation itself, and the same again for methods that make several passes (Score-CAM).
+about N times the explanation itself, whatever that costs: a method that makes passes of its own (Score-CAM's
+masked forwards) makes them N more times.
 Memory stays flat in N: only the running maximum per map is kept, never the N noisy maps.
 """
 
@@ -44,7 +46,7 @@ from gradcam_cli.audit import measures as M
 from gradcam_cli.audit.batch_maps import BatchContext, LayerMaps, PassSetup
 from gradcam_cli.cam.engine import CamResult
 
-SEED_RULE = "torch CPU generator per image, seeded with the first 8 bytes (little-endian) of blake2b('<seed>:<path>')"
+SEED_RULE = "a torch CPU generator per image, seeded with blake2b('<seed>:<path>', 8 bytes), little-endian, top bit 0"
 
 
 def image_seed(seed: int, rel: str) -> int:
