@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_OUT ?= demo_out
 AUDIT_OUT ?= audit_out
 
-.PHONY: demo audit test lint typecheck bench gpu-check gpu-wheels clean
+.PHONY: demo audit test lint typecheck bench metric-cost gpu-check gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ lint: $(VENV)/.test-installed
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python bench/bench.py
+
+# seconds per image of every audit metric and its ratio to the explanation, into bench/results_metrics.md
+metric-cost: $(VENV)/.demo-installed
+	$(BIN)/python bench/metric_cost.py
 
 # on a machine lent a CUDA GPU: tests/test_cuda.py, bench/gpu_bench.py and bench/amp_fidelity.py in under 8 minutes,
 # figures in $$OUT/gpu_results.md (or bench/_out/); uses .venv or a preinstalled PyTorch, needs no network
