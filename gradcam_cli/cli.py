@@ -35,6 +35,7 @@ from gradcam_cli.run.world import env_rank, env_world_size
 
 UNDER_KEYS, OVER_KEYS = ", ".join(GATES_UNDER), ", ".join(GATES_OVER)
 GAP_KEYS = "gap:KEY or gap:ATTRIBUTE:KEY, the largest gap between --groups of KEY: accuracy or a metric's key"
+MIN_COUNT_HELP = "Values of a number a group needs to take part in the gaps between groups."
 GROUPS_HELP = (
     "Slice the summary by group: a CSV of path,<attribute>... (e.g. path,site,camera) or folders:N (the N-th "
     "folder of each path)."
@@ -252,6 +253,7 @@ def main() -> None:
     help="Half-width of the sensitivity metric's uniform noise, in pixel units of [0, 1] images. [default: 0.05]",
 )
 @click.option("--groups", help=GROUPS_HELP)
+@click.option("--group-min-count", type=int, help=MIN_COUNT_HELP + " [default: 3]")
 @click.option("--boxes", help="Boxes for pointing/energy: CSV path,x0,y0,x1,y1,label, COCO JSON, or a VOC XML folder.")
 @click.option("--masks", help="Folder of binary PNG masks mirroring the input tree (for pointing/energy).")
 @_switch("summary", "Also write summary.json (as `gradcam audit`).")
@@ -381,6 +383,7 @@ _GATE_OPTIONS = [
     click.option(
         "--groups", help=GROUPS_HELP[:-1] + ", or none. [default: what the run recorded in run.json, if anything]"
     ),
+    click.option("--group-min-count", type=int, help=MIN_COUNT_HELP + " [default: as recorded in run.json, or 3]"),
 ]
 
 
@@ -402,6 +405,7 @@ def audit(
     fail_under: tuple[str, ...],
     fail_over: tuple[str, ...],
     groups: str | None,
+    group_min_count: int | None,
     worst: int | None,
     quiet: bool,
 ) -> None:
@@ -420,6 +424,7 @@ def audit(
         fail_under=list(fail_under) or None,
         fail_over=list(fail_over) or None,
         groups=groups,
+        group_min_count=group_min_count,
     )
     check_diff_gates(settings)
     result = run_audit(
@@ -428,6 +433,7 @@ def audit(
         worst=settings.worst,
         gates=gates_from(settings.fail_under, settings.fail_over),
         groups=settings.groups,
+        group_min_count=group_min_count and settings.group_min_count,
     )
 
     def log(message: str) -> None:
@@ -528,6 +534,7 @@ def diff(
 @click.option(
     "--groups", help=GROUPS_HELP[:-1] + ", or none. [default: what the run recorded in run.json, if anything]"
 )
+@click.option("--group-min-count", type=int, help=MIN_COUNT_HELP + " [default: as recorded in run.json, or 3]")
 @click.option("--title", help="Page title. [default: the model and the folder]")
 @click.option("--thumb-size", type=int, default=None, help="Longest side of the thumbnails in pixels. [default: 256]")
 @click.option(
@@ -539,6 +546,7 @@ def report(
     out: str,
     truth: str | None,
     groups: str | None,
+    group_min_count: int | None,
     title: str | None,
     thumb_size: int | None,
     low_confidence: float | None,
@@ -549,11 +557,12 @@ def report(
     (written to OUT/thumbnails/)."""
     from gradcam_cli.api import report as build_report
 
-    settings = load_settings(None, truth=truth, groups=groups)
+    settings = load_settings(None, truth=truth, groups=groups, group_min_count=group_min_count)
     path = build_report(
         out,
         truth=settings.truth,
         groups=settings.groups,
+        group_min_count=group_min_count and settings.group_min_count,
         title=title,
         thumb_size=thumb_size if thumb_size is not None else 256,
         low_confidence=low_confidence if low_confidence is not None else 0.5,

@@ -37,6 +37,9 @@ AMP_MODES: tuple[str, ...] = ("none", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 TARGET_PATTERN = re.compile(r"^(pred|label|topk:[1-9]\d*)$")
 GROUP_FOLDERS_PATTERN = re.compile(r"^folders:([1-9]\d*)$")
+# values a group needs of a number (accuracy, a metric) to take part in the gaps between groups: one image
+# alone makes any gap, so a group must be a few images before its mean is compared
+GROUP_MIN_COUNT = 3
 # Pillow's own default for Image.MAX_IMAGE_PIXELS (it only warns there and refuses at twice that); we refuse at it
 DEFAULT_MAX_PIXELS = 89_478_485
 # where JPEGs are decoded: Pillow in the DataLoader workers, or torchvision.io on the compute device (nvJPEG)
@@ -86,6 +89,7 @@ class Settings:
     sensitivity_samples: int = 10
     sensitivity_radius: float = 0.05  # half-width of the uniform noise, in pixel units of [0, 1] images
     groups: str | None = None  # a CSV of path,<attribute>... or folders:N
+    group_min_count: int = GROUP_MIN_COUNT
     boxes: str | None = None
     masks: str | None = None
     summary: bool = False
@@ -420,6 +424,7 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "sensitivity_samples": _v_positive_int,
     "sensitivity_radius": _v_positive_number,
     "groups": _v_groups,
+    "group_min_count": _v_positive_int,
     "boxes": _v_optional_str,
     "masks": _v_optional_str,
     "summary": _v_bool,

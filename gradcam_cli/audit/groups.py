@@ -26,10 +26,10 @@ from typing import Any
 from gradcam_cli.audit.gates import number, rounded
 from gradcam_cli.audit.metrics import ACCURACY, MetricColumn
 from gradcam_cli.config import GROUP_FOLDERS_PATTERN
+from gradcam_cli.config import GROUP_MIN_COUNT as MIN_COUNT
 from gradcam_cli.errors import GradcamError
 
 NO_GROUP = "(none)"  # the group of an image without a value for an attribute
-MIN_COUNT = 3  # values a group needs for its mean to take part in a gap
 NONE = "none"  # `--groups none`: no groups, even when run.json recorded some
 
 
@@ -144,7 +144,8 @@ def gap(means: Mapping[str, tuple[float | None, int]], min_count: int) -> dict[s
 
     `means` maps group -> (its mean, how many values it is over); NO_GROUP and groups with fewer than
     `min_count` values take no part. low/high name the groups with the smallest and largest mean (ties: the
-    first by name), so the gap is high's value minus low's and never negative.
+    first by name), so the gap is high's value minus low's (the means as summary.json writes them, so the gap is
+    exactly the difference of the two numbers shown) and never negative.
     """
     eligible = sorted(
         (name, m) for name, (m, n) in means.items() if name != NO_GROUP and m is not None and n >= min_count

@@ -26,8 +26,8 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from gradcam_cli.audit.groups import Groups, resolve_groups
-from gradcam_cli.audit.metrics import columns_in, measured_header
-from gradcam_cli.audit.summary import recorded_groups, summarize
+from gradcam_cli.audit.metrics import ACCURACY, columns_in, measured_header
+from gradcam_cli.audit.summary import recorded_groups, recorded_min_count, summarize
 from gradcam_cli.audit.truth import Truth, resolve_truth
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.out import names
@@ -145,10 +145,12 @@ def report(
     log: LogFn | None = None,
     threads: int | None = None,
     groups: str | Groups | None = None,
+    group_min_count: int | None = None,
 ) -> Path:
     """Write OUT/report.html (and its thumbnails) for the explain output folder `out`; returns the page's path.
 
-    `groups` as for `audit` (default: what run.json recorded): a per-group table and a group filter."""
+    `groups` and `group_min_count` as for `audit` (default: what run.json recorded): a per-group table and a
+    group filter."""
     log = log or (lambda message: None)
     if not 16 <= thumb_size <= 1024:
         raise GradcamError(f"--thumb-size: expected 16 to 1024 pixels, got {thumb_size}")
@@ -164,7 +166,8 @@ def report(
         truth = resolve_truth(truth, roots, labels, (r["path"] for r in rows))
     if not isinstance(groups, Groups):
         groups = resolve_groups(groups or recorded_groups(run), [r["path"] for r in rows])
-    summary = summarize(header, rows, truth, labels, worst=10, run=run, groups=groups)
+    min_count = group_min_count or recorded_min_count(run)
+    summary = summarize(header, rows, truth, labels, worst=10, run=run, groups=groups, group_min_count=min_count)
     records = _records(rows, header, truth, groups)
 
     # thumbnails: one per original image, one per overlay, made on a thread pool (Pillow releases the GIL)
@@ -199,6 +202,7 @@ def report(
         "summary": summary,
         "rows": records,
         "metrics": [c.name for c in columns_in(header)],
+        "groupKeys": {ACCURACY: ACCURACY, **{c.name: c.summary_key for c in columns_in(header)}},
         "lowConfidence": low_confidence,
         "truthKnown": truth.known,
     }

@@ -258,13 +258,13 @@ def audit(
     labels: Sequence[str] | None = None,
     write: bool = True,
     groups: str | Groups | None = None,
-    group_min_count: int = MIN_COUNT,
+    group_min_count: int | None = None,
 ) -> AuditResult:
     """Summarise the explain output folder `out` into `out/summary.json` and check `gates`.
 
     `labels` default to the class names recorded in run.json; `truth` is a `truth` setting or a resolved Truth;
     `groups` a `groups` setting (a CSV, `folders:N`, `none`) or resolved Groups, by default what run.json
-    recorded (a run's groups are audited the way it was made).
+    recorded (a run's groups are audited the way it was made); `group_min_count` too (else MIN_COUNT).
     """
     folder = OutputFolder(out)
     header, rows, run = folder.read()
@@ -275,7 +275,8 @@ def audit(
         truth = resolve_truth(truth, roots, class_names, (r["path"] for r in rows))
     if not isinstance(groups, Groups):
         groups = resolve_groups(groups or recorded_groups(run), [r["path"] for r in rows])
-    summary = summarize(header, rows, truth, class_names, worst, run, groups, group_min_count)
+    min_count = group_min_count or recorded_min_count(run)
+    summary = summarize(header, rows, truth, class_names, worst, run, groups, min_count)
     results = check_gates(summary, header, gates)
     summary["gates"] = [g.to_json() for g in results]
     summary["passed"] = all(g.passed for g in results)
@@ -291,6 +292,13 @@ def recorded_groups(run: Mapping[str, Any]) -> str | None:
     audit_block = run.get("audit")
     found = audit_block.get("groups") if isinstance(audit_block, Mapping) else None
     return found if isinstance(found, str) else None
+
+
+def recorded_min_count(run: Mapping[str, Any]) -> int:
+    """The group_min_count run.json's `audit` block recorded, else MIN_COUNT."""
+    audit_block = run.get("audit")
+    found = audit_block.get("group_min_count") if isinstance(audit_block, Mapping) else None
+    return found if isinstance(found, int) and not isinstance(found, bool) and found > 0 else MIN_COUNT
 
 
 def _gap_lines(summary: Mapping[str, Any]) -> list[str]:
@@ -342,10 +350,19 @@ class AuditPlan:
     worst: int
     labels: list[str]
     groups: Groups | None = None
+    group_min_count: int = MIN_COUNT
 
     def run(self, out: str | Path) -> AuditResult:
         groups = self.groups if self.groups is not None else "none"
-        return audit(out, truth=self.truth, worst=self.worst, gates=self.gates, labels=self.labels, groups=groups)
+        return audit(
+            out,
+            truth=self.truth,
+            worst=self.worst,
+            gates=self.gates,
+            labels=self.labels,
+            groups=groups,
+            group_min_count=self.group_min_count,
+        )
 
 
 def prepare_audit(
@@ -369,4 +386,5 @@ def prepare_audit(
                 f"{flag} {key}=...: no ground truth (put a labels.csv of path,label in the input folder, "
                 "name the folders after the classes with --truth folders, or pass --truth FILE)"
             )
-    return AuditPlan(truth, gates_from(fail_under, fail_over), settings.worst, list(labels), groups)
+    gates = gates_from(fail_under, fail_over)
+    return AuditPlan(truth, gates, settings.worst, list(labels), groups, settings.group_min_count)
