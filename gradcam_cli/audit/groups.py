@@ -143,21 +143,21 @@ def gap(means: Mapping[str, tuple[float | None, int]], min_count: int) -> dict[s
     """The largest difference between two groups' means: {gap, low, high, groups}, or None with < 2 groups.
 
     `means` maps group -> (its mean, how many values it is over); NO_GROUP and groups with fewer than
-    `min_count` values take no part. low/high name the groups with the smallest and largest mean (ties: the
-    first by name), so the gap is high's value minus low's (the means as summary.json writes them, so the gap is
-    exactly the difference of the two numbers shown) and never negative.
+    `min_count` values take no part. low/high name the groups with the smallest and largest mean (in order of
+    mean, then name: a tie for the smallest goes to the first name, for the largest to the last, so they are
+    two groups even when every mean is equal), so the gap is high's value minus low's (the means as
+    summary.json writes them: the gap is exactly the difference of the two numbers shown), never negative.
     """
     eligible = sorted(
-        (name, m) for name, (m, n) in means.items() if name != NO_GROUP and m is not None and n >= min_count
+        (m, name) for name, (m, n) in means.items() if name != NO_GROUP and m is not None and n >= min_count
     )
     if len(eligible) < 2:
         return None
-    low = min(eligible, key=lambda nm: nm[1])
-    high = max(eligible, key=lambda nm: nm[1])
+    (low, low_name), (high, high_name) = eligible[0], eligible[-1]
     return {
-        "gap": rounded(high[1] - low[1]),
-        "low": {"group": low[0], "value": low[1]},
-        "high": {"group": high[0], "value": high[1]},
+        "gap": rounded(high - low),
+        "low": {"group": low_name, "value": low},
+        "high": {"group": high_name, "value": high},
         "groups": len(eligible),
     }
 
