@@ -297,3 +297,21 @@ def test_summarize_groups_on_hand_written_rows() -> None:
     no_truth = summarize(header, rows, Truth(), (), groups=groups, group_min_count=2)["groups"]
     assert "accuracy" not in no_truth["largest_gaps"]
     assert "accuracy" not in no_truth["attributes"]["site"]["groups"][0]
+
+
+def test_resume_may_change_the_groups(world: dict[str, Path], tmp_path: Path) -> None:
+    """Groups shape only the summary, not the rows: a resume with other groups (or of a run.json from before
+    groups were recorded) keeps the rows done, and the summary follows the new groups."""
+    out = tmp_path / "o"
+    base = ["explain", world["images"], "-o", out, "-c", world["root"] / "marker.yaml", "--metrics", "energy"]
+    base += ["--boxes", world["boxes"]]
+    assert invoke(*base, "--groups", world["groups"], "--limit", "4").exit_code == 0
+    run_json = out / "run.json"
+    run = json.loads(run_json.read_text(encoding="utf-8"))
+    del run["audit"]["groups"], run["audit"]["group_min_count"]  # as an older version wrote it
+    run_json.write_text(json.dumps(run), encoding="utf-8")
+    result = invoke(*base, "--groups", "folders:1", "--resume", "--summary")
+    assert result.exit_code == 0, result.output  # not "--resume: ... was made with audit ..." (exit 2)
+    assert summary_of(out)["counts"]["images"] == 9
+    block = summary_of(out)["groups"]
+    assert block["source"] == "folders:1" and list(block["attributes"]) == ["folder1"]
