@@ -315,3 +315,9 @@ def test_resume_may_change_the_groups(world: dict[str, Path], tmp_path: Path) ->
     assert summary_of(out)["counts"]["images"] == 9
     block = summary_of(out)["groups"]
     assert block["source"] == "folders:1" and list(block["attributes"]) == ["folder1"]
+    # a recorded groups file that has gone: one line saying where the source came from
+    run = json.loads(run_json.read_text(encoding="utf-8"))
+    run["audit"]["groups"] = str(tmp_path / "gone.csv")
+    run_json.write_text(json.dumps(run), encoding="utf-8")
+    assert_usage_error(invoke("audit", out), "gone.csv: no such file", "run.json recorded")
+    assert invoke("audit", out, "--groups", "none").exit_code == 0

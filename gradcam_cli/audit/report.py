@@ -25,9 +25,9 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from gradcam_cli.audit.groups import Groups, resolve_groups
+from gradcam_cli.audit.groups import Groups
 from gradcam_cli.audit.metrics import ACCURACY, columns_in, measured_header
-from gradcam_cli.audit.summary import recorded_groups, recorded_min_count, summarize
+from gradcam_cli.audit.summary import groups_for, recorded_min_count, summarize
 from gradcam_cli.audit.truth import Truth, resolve_truth
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.out import names
@@ -164,8 +164,7 @@ def report(
     roots = [str(r) for r in run.get("input_roots") or []]
     if isinstance(truth, str):
         truth = resolve_truth(truth, roots, labels, (r["path"] for r in rows))
-    if not isinstance(groups, Groups):
-        groups = resolve_groups(groups or recorded_groups(run), [r["path"] for r in rows])
+    groups = groups_for(groups, run, [r["path"] for r in rows])
     min_count = group_min_count or recorded_min_count(run)
     summary = summarize(header, rows, truth, labels, worst=10, run=run, groups=groups, group_min_count=min_count)
     records = _records(rows, header, truth, groups)

@@ -273,8 +273,7 @@ def audit(
     if isinstance(truth, str):
         roots = [str(r) for r in run.get("input_roots") or []]
         truth = resolve_truth(truth, roots, class_names, (r["path"] for r in rows))
-    if not isinstance(groups, Groups):
-        groups = resolve_groups(groups or recorded_groups(run), [r["path"] for r in rows])
+    groups = groups_for(groups, run, [r["path"] for r in rows])
     min_count = group_min_count or recorded_min_count(run)
     summary = summarize(header, rows, truth, class_names, worst, run, groups, min_count)
     results = check_gates(summary, header, gates)
@@ -292,6 +291,19 @@ def recorded_groups(run: Mapping[str, Any]) -> str | None:
     audit_block = run.get("audit")
     found = audit_block.get("groups") if isinstance(audit_block, Mapping) else None
     return found if isinstance(found, str) else None
+
+
+def groups_for(groups: str | Groups | None, run: Mapping[str, Any], rels: Sequence[str]) -> Groups | None:
+    """The groups of an audit or report: `groups` as given, else the source run.json recorded (a problem with
+    that one says where it came from, and how to choose another)."""
+    if isinstance(groups, Groups):
+        return groups
+    if groups is not None:
+        return resolve_groups(groups, rels)
+    try:
+        return resolve_groups(recorded_groups(run), rels)
+    except GradcamError as exc:
+        raise GradcamError(f"{exc}; it is the one run.json recorded: pass --groups FILE, folders:N or none") from None
 
 
 def recorded_min_count(run: Mapping[str, Any]) -> int:
