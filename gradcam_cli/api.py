@@ -95,8 +95,9 @@ def layers(model: str, config: str | Path | None = None, input_size: int | None 
 
 
 def __getattr__(name: str) -> Any:
-    """`audit(out, truth, worst, gates, labels, write) -> AuditResult` (gradcam_cli.audit.summary.audit) and
-    `report(out, truth, title, thumb_size, low_confidence, log) -> Path` (gradcam_cli.audit.report.report) and
+    """`audit(out, truth, worst, gates, labels, write, groups, group_min_count) -> AuditResult`
+    (gradcam_cli.audit.summary.audit) and `report(out, truth, title, thumb_size, low_confidence, log, threads,
+    groups) -> Path` (gradcam_cli.audit.report.report) and
     `diff(a, b, out, top, gates, report, worst, threads, log) -> DiffResult` (gradcam_cli.audit.diff.compare.diff),
     imported on first use so that `gradcam --help` does not pay for them. None of them imports torch."""
     if name == "audit":

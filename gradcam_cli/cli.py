@@ -34,6 +34,12 @@ from gradcam_cli.render.colormaps import COLORMAP_NAMES
 from gradcam_cli.run.world import env_rank, env_world_size
 
 UNDER_KEYS, OVER_KEYS = ", ".join(GATES_UNDER), ", ".join(GATES_OVER)
+GAP_KEYS = "gap:KEY or gap:ATTRIBUTE:KEY, the largest gap between --groups of KEY: accuracy or a metric's key"
+MIN_COUNT_HELP = "Values of a number a group needs to take part in the gaps between groups."
+GROUPS_HELP = (
+    "Slice the summary by group: a CSV of path,<attribute>... (e.g. path,site,camera) or folders:N (the N-th "
+    "folder of each path)."
+)
 DIFF_UNDER_KEYS = ", ".join(SIMILARITIES_UNDER)
 DIFF_OVER_KEYS = ", ".join((FLIPS, *SIMILARITIES_OVER))
 
@@ -246,11 +252,8 @@ def main() -> None:
     type=float,
     help="Half-width of the sensitivity metric's uniform noise, in pixel units of [0, 1] images. [default: 0.05]",
 )
-@click.option(
-    "--groups",
-    help="Slice the summary by group: a CSV of path,<attribute>... (e.g. path,site,camera) or folders:N (the N-th "
-    "folder of each path).",
-)
+@click.option("--groups", help=GROUPS_HELP)
+@click.option("--group-min-count", type=int, help=MIN_COUNT_HELP + " [default: 3]")
 @click.option("--boxes", help="Boxes for pointing/energy: CSV path,x0,y0,x1,y1,label, COCO JSON, or a VOC XML folder.")
 @click.option("--masks", help="Folder of binary PNG masks mirroring the input tree (for pointing/energy).")
 @_switch("summary", "Also write summary.json (as `gradcam audit`).")
@@ -264,7 +267,9 @@ def main() -> None:
     "--fail-under", multiple=True, help=f"KEY=VALUE gate, exit 3 when the summary is below it; KEY: {UNDER_KEYS}."
 )
 @click.option(
-    "--fail-over", multiple=True, help=f"KEY=VALUE gate, exit 3 when the summary is above it; KEY: {OVER_KEYS}."
+    "--fail-over",
+    multiple=True,
+    help=f"KEY=VALUE gate, exit 3 when the summary is above it; KEY: {OVER_KEYS}; {GAP_KEYS}.",
 )
 @click.option(
     "--only-below",
@@ -374,7 +379,11 @@ def _report(lines: list[str], gates: Any, log: Callable[[str], None]) -> None:
 _GATE_OPTIONS = [
     click.option("--truth", help="Ground truth: auto, folders, none, or a CSV of path,label. [default: auto]"),
     click.option("--fail-under", multiple=True, help=f"KEY=VALUE gate ({UNDER_KEYS})."),
-    click.option("--fail-over", multiple=True, help=f"KEY=VALUE gate ({OVER_KEYS})."),
+    click.option("--fail-over", multiple=True, help=f"KEY=VALUE gate ({OVER_KEYS}; {GAP_KEYS})."),
+    click.option(
+        "--groups", help=GROUPS_HELP[:-1] + ", or none. [default: what the run recorded in run.json, if anything]"
+    ),
+    click.option("--group-min-count", type=int, help=MIN_COUNT_HELP + " [default: as recorded in run.json, or 3]"),
 ]
 
 
@@ -391,7 +400,14 @@ def _with_gate_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-q", "--quiet", is_flag=True, help="Print only failed gates.")
 @_guarded
 def audit(
-    out: str, truth: str | None, fail_under: tuple[str, ...], fail_over: tuple[str, ...], worst: int | None, quiet: bool
+    out: str,
+    truth: str | None,
+    fail_under: tuple[str, ...],
+    fail_over: tuple[str, ...],
+    groups: str | None,
+    group_min_count: int | None,
+    worst: int | None,
+    quiet: bool,
 ) -> None:
     """Summarise the explain output folder OUT into OUT/summary.json and check CI gates.
 
@@ -402,11 +418,22 @@ def audit(
     from gradcam_cli.audit.gates import gates_from
 
     settings = load_settings(
-        None, truth=truth, worst=worst, fail_under=list(fail_under) or None, fail_over=list(fail_over) or None
+        None,
+        truth=truth,
+        worst=worst,
+        fail_under=list(fail_under) or None,
+        fail_over=list(fail_over) or None,
+        groups=groups,
+        group_min_count=group_min_count,
     )
     check_diff_gates(settings)
     result = run_audit(
-        out, truth=settings.truth, worst=settings.worst, gates=gates_from(settings.fail_under, settings.fail_over)
+        out,
+        truth=settings.truth,
+        worst=settings.worst,
+        gates=gates_from(settings.fail_under, settings.fail_over),
+        groups=settings.groups,
+        group_min_count=group_min_count and settings.group_min_count,
     )
 
     def log(message: str) -> None:
@@ -504,6 +531,10 @@ def diff(
 @main.command()
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--truth", help="Ground truth: auto, folders, none, or a CSV of path,label. [default: auto]")
+@click.option(
+    "--groups", help=GROUPS_HELP[:-1] + ", or none. [default: what the run recorded in run.json, if anything]"
+)
+@click.option("--group-min-count", type=int, help=MIN_COUNT_HELP + " [default: as recorded in run.json, or 3]")
 @click.option("--title", help="Page title. [default: the model and the folder]")
 @click.option("--thumb-size", type=int, default=None, help="Longest side of the thumbnails in pixels. [default: 256]")
 @click.option(
@@ -514,19 +545,24 @@ def diff(
 def report(
     out: str,
     truth: str | None,
+    groups: str | None,
+    group_min_count: int | None,
     title: str | None,
     thumb_size: int | None,
     low_confidence: float | None,
     quiet: bool,
 ) -> None:
-    """Write OUT/report.html: a self-contained page (works from file://) with the summary, a per-class table and
-    a filterable, sortable gallery of original | overlay thumbnails (written to OUT/thumbnails/)."""
+    """Write OUT/report.html: a self-contained page (works from file://) with the summary, a per-class table,
+    with groups a per-group table, and a filterable, sortable gallery of original | overlay thumbnails
+    (written to OUT/thumbnails/)."""
     from gradcam_cli.api import report as build_report
 
-    settings = load_settings(None, truth=truth)
+    settings = load_settings(None, truth=truth, groups=groups, group_min_count=group_min_count)
     path = build_report(
         out,
         truth=settings.truth,
+        groups=settings.groups,
+        group_min_count=group_min_count and settings.group_min_count,
         title=title,
         thumb_size=thumb_size if thumb_size is not None else 256,
         low_confidence=low_confidence if low_confidence is not None else 0.5,

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from gradcam_cli.audit.diff.gates import DIFF_GATE_KEYS, DIFF_GATES_OVER, DIFF_GATES_UNDER
-from gradcam_cli.audit.metrics import ANNOTATED_METRICS, BY_GATE, GATES_OVER, GATES_UNDER, METRIC_NAMES
+from gradcam_cli.audit.metrics import (
+    ACCURACY,
+    ANNOTATED_METRICS,
+    BY_GATE,
+    GATES_OVER,
+    GATES_UNDER,
+    METRIC_NAMES,
+    gap_gate,
+)
 from gradcam_cli.cam.methods import BUILT_IN_METHODS, method_names
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.out.names import SAVE_KINDS
@@ -28,6 +36,10 @@ PREPROCESS_MODES: tuple[str, ...] = ("full", "crop")
 AMP_MODES: tuple[str, ...] = ("none", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 TARGET_PATTERN = re.compile(r"^(pred|label|topk:[1-9]\d*)$")
+GROUP_FOLDERS_PATTERN = re.compile(r"^folders:([1-9]\d*)$")
+# values a group needs of a number (accuracy, a metric) to take part in the gaps between groups: one image
+# alone makes any gap, so a group must be a few images before its mean is compared
+GROUP_MIN_COUNT = 3
 # Pillow's own default for Image.MAX_IMAGE_PIXELS (it only warns there and refuses at twice that); we refuse at it
 DEFAULT_MAX_PIXELS = 89_478_485
 # where JPEGs are decoded: Pillow in the DataLoader workers, or torchvision.io on the compute device (nvJPEG)
@@ -77,6 +89,7 @@ class Settings:
     sensitivity_samples: int = 10
     sensitivity_radius: float = 0.05  # half-width of the uniform noise, in pixel units of [0, 1] images
     groups: str | None = None  # a CSV of path,<attribute>... or folders:N
+    group_min_count: int = GROUP_MIN_COUNT
     boxes: str | None = None
     masks: str | None = None
     summary: bool = False
@@ -317,11 +330,18 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _v_gates(allowed: tuple[str, ...]) -> Callable[[str, Any, str], tuple[tuple[str, float], ...]]:
-    """KEY=VALUE gates, from flags ('pointing=0.8', repeatable), a YAML mapping or a list of 'KEY=VALUE'."""
+def _v_gates(allowed: tuple[str, ...], gaps: bool = False) -> Callable[[str, Any, str], tuple[tuple[str, float], ...]]:
+    """KEY=VALUE gates, from flags ('pointing=0.8', repeatable), a YAML mapping or a list of 'KEY=VALUE';
+    with `gaps`, also gap:KEY and gap:ATTRIBUTE:KEY (gates on the gap between groups)."""
+
+    def known(gate: str) -> bool:
+        return gate in allowed or (gaps and gap_gate(gate) is not None)
 
     def check(key: str, value: Any, source: str) -> tuple[tuple[str, float], ...]:
-        expected = "KEY=VALUE with KEY one of " + ", ".join(allowed) + " and VALUE a number (or a percentage)"
+        gap_keys = " (or gap:KEY, gap:ATTRIBUTE:KEY on the gap between --groups)" if gaps else ""
+        expected = (
+            "KEY=VALUE with KEY one of " + ", ".join(allowed) + gap_keys + " and VALUE a number (or a percentage)"
+        )
         if value is None:
             return ()
         pairs: list[tuple[Any, Any]] = []
@@ -340,12 +360,25 @@ def _v_gates(allowed: tuple[str, ...]) -> Callable[[str, Any, str], tuple[tuple[
         for name, raw in pairs:
             gate = str(name).strip().lower()
             number = _number(raw)
-            if gate not in allowed or number is None:
+            if not gaps and gap_gate(gate) is not None:
+                raise _fail(key, source, "a gap gate as --fail-over (a gap is worse the larger it is)", gate)
+            if not known(gate) or number is None:
                 raise _fail(key, source, expected, f"{name}={raw}")
             gates[gate] = number
         return tuple(sorted(gates.items()))
 
     return check
+
+
+def _v_groups(key: str, value: Any, source: str) -> str | None:
+    """A CSV file of path,<attribute>..., folders:N (N >= 1) or none; the file is read when the images are known."""
+    text = _v_optional_str(key, value, source)
+    if text is None:
+        return None
+    keyword = text.lower().startswith("folders:") or text.lower() == "none"
+    if keyword and not (text.lower() == "none" or GROUP_FOLDERS_PATTERN.match(text.lower())):
+        raise _fail(key, source, "folders:N with N a folder level from 1, or a CSV file of path,<attribute>...", value)
+    return text.lower() if keyword else text
 
 
 def _v_truth(key: str, value: Any, source: str) -> str:
@@ -390,14 +423,15 @@ VALIDATORS: dict[str, Callable[[str, Any, str], Any]] = {
     "randomization": _v_choice(RANDOMIZATION_MODES),
     "sensitivity_samples": _v_positive_int,
     "sensitivity_radius": _v_positive_number,
-    "groups": _v_optional_str,
+    "groups": _v_groups,
+    "group_min_count": _v_positive_int,
     "boxes": _v_optional_str,
     "masks": _v_optional_str,
     "summary": _v_bool,
     "truth": _v_truth,
     "worst": _v_nonneg_int,
     "fail_under": _v_gates(GATES_UNDER + DIFF_GATES_UNDER),
-    "fail_over": _v_gates(GATES_OVER + DIFF_GATES_OVER),
+    "fail_over": _v_gates(GATES_OVER + DIFF_GATES_OVER, gaps=True),
     "only_below": _v_fraction,
     "sample_rate": _v_fraction,
     "files_from": _v_optional_str,
@@ -454,7 +488,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise GradcamError(f"config {p}: expected a mapping of keys to values at the top level")
     clean = _validate_all(data, source="config")
     # a relative path in a config means relative to the config file, which is how people write configs
-    for key in ("labels", "boxes", "masks", "truth", "files_from", "weights", "compare_to"):
+    for key in ("labels", "boxes", "masks", "groups", "truth", "files_from", "weights", "compare_to"):
         value = clean.get(key)
         if value and _is_relative_path(key, value, p.parent):
             clean[key] = str(p.parent / value)
@@ -476,6 +510,8 @@ def _is_relative_path(key: str, value: str, folder: Path) -> bool:
         return False
     if key == "truth":
         return value not in ("auto", "folders", "none")
+    if key == "groups":
+        return value != "none" and not GROUP_FOLDERS_PATTERN.match(value)
     if key == "files_from":
         return value != "-"
     if key == "weights":
@@ -500,11 +536,26 @@ def check_audit_settings(settings: Settings) -> None:
         )
     for flag, gates in (("--fail-under", settings.fail_under), ("--fail-over", settings.fail_over)):
         for key, _value in gates:
-            if key in BY_GATE and BY_GATE[key].metric not in metrics:
-                raise GradcamError(f"{flag} {key}=...: needs --metrics {BY_GATE[key].metric}")
-    if settings.truth == "none" and any(key == "accuracy" for key, _ in settings.fail_under):
-        raise GradcamError("--fail-under accuracy=...: needs ground truth, but --truth is none")
+            inner = gap_gate(key)
+            gate = inner[1] if inner else key
+            if gate in BY_GATE and BY_GATE[gate].metric not in metrics:
+                raise GradcamError(f"{flag} {key}=...: needs --metrics {BY_GATE[gate].metric}")
+            if settings.truth == "none" and gate == ACCURACY:
+                raise GradcamError(f"{flag} {key}=...: needs ground truth, but --truth is none")
+    check_gap_gates(settings)
     check_diff_gates(settings)
+
+
+def check_gap_gates(settings: Settings) -> None:
+    """A gate on the gap between groups (`gap:KEY`) needs groups: --groups FILE or --groups folders:N."""
+    if settings.groups not in (None, "none"):
+        return
+    for key, _value in settings.fail_over:
+        if gap_gate(key) is not None:
+            raise GradcamError(
+                f"--fail-over {key}=...: a gate on the gap between groups; add --groups FILE (a CSV of "
+                "path,<attribute>...) or --groups folders:N"
+            )
 
 
 def check_diff_gates(settings: Settings) -> None:

@@ -161,3 +161,33 @@ class HalfNet(nn.Module):
 
 def half_net(side: str = "left") -> nn.Module:
     return HalfNet(side).eval()
+
+
+class MarkerNet(nn.Module):
+    """Evidence is whatever is bright red, for the bias-audit test: an object, and in one group a corner marker.
+
+    features = ReLU(red - 0.6) at full resolution (a 1x1 conv, no pooling), so on a grey (100) background with
+    pure red (255) shapes the feature map is exactly 0.4 on the shapes and 0 elsewhere; logits = (WEIGHT *
+    mean(features), 0). Grad-CAM of class 0 at `features` is then WEIGHT / (h * w) times the feature map: after
+    min-max normalisation 1 on every red pixel and 0 elsewhere, with no upsampling blur (the map is at the input
+    size). Class 0 ("object") always wins, with probability sigmoid(WEIGHT * 0.4 * red area / (h * w)).
+    """
+
+    WEIGHT = 40.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv2d(3, 1, 1)
+        with torch.no_grad():
+            conv.weight.copy_(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))
+            conv.bias.fill_(-0.6)
+        self.features = nn.Sequential(conv, nn.ReLU())
+        self.class_names = ["object", "other"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = self.WEIGHT * self.features(x).mean(dim=(1, 2, 3))
+        return torch.stack([score, torch.zeros_like(score)], dim=1)
+
+
+def marker_net() -> nn.Module:
+    return MarkerNet().eval()

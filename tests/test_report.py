@@ -40,7 +40,7 @@ def page_data(html: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def report_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The colour world (4 squares, truth in folder names) plus an undecodable file and an awkward file name,
-    explained with pointing/energy/deletion, then `gradcam report`."""
+    explained with pointing/energy/deletion, then `gradcam report` grouped by the first folder (cat/, dog/)."""
     world = make_world(tmp_path_factory.mktemp("report"))
     images = world["images"]
     (images / "dog" / "broken.png").write_bytes(b"not an image")
@@ -52,7 +52,9 @@ def report_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--boxes", world["boxes"], "--masks", world["masks"],
     )  # fmt: skip
     assert result.exit_code == 1, result.output  # the broken file
-    result = invoke("report", out, "--title", "audit </script><b>x</b>", "-q")
+    result = invoke(
+        "report", out, "--title", "audit </script><b>x</b>", "--groups", "folders:1", "--group-min-count", "2", "-q"
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -81,7 +83,8 @@ def test_report_is_one_self_contained_file_with_thumbnails(report_out: Path) -> 
 def test_report_reuses_thumbnails_and_checks_options(report_out: Path) -> None:
     thumb = report_out / "thumbnails/overlay/cat/a.png.jpg"
     before = thumb.stat().st_mtime_ns
-    assert invoke("report", report_out, "-q").exit_code == 0
+    # the same page as the fixture's (the browser test may run after this one)
+    assert invoke("report", report_out, "--groups", "folders:1", "--group-min-count", "2", "-q").exit_code == 0
     assert thumb.stat().st_mtime_ns == before
     for args in (["--thumb-size", "4"], ["--low-confidence", "2"]):
         result = invoke("report", report_out, *args)
@@ -125,9 +128,27 @@ def test_report_in_headless_chromium(report_out: Path, tmp_path: Path) -> None:
         misclassified = only("f-misclassified", True)
         assert misclassified == ["cat/b.png", "dog/d.png"]  # green cat -> dog, blue dog -> bird
         assert only("f-status", "error") == ["dog/broken.png"]
+        assert only("f-group", json.dumps(["folder1", "dog"], separators=(",", ":"))) == [
+            p for p in by_path if p.startswith("dog/")
+        ]
+        assert only("f-group", json.dumps(["folder1", "cat"], separators=(",", ":"))) == [
+            p for p in by_path if p.startswith("cat/")
+        ]
         set_control(br, "t-lowenergy", "0.5")
         assert only("f-lowenergy", True) == ["cat/b.png"]
         assert len(card_paths(br)) == len(rows)  # every filter off again
+
+        # the per-group table: one per attribute, a row per group, the gaps' two groups marked
+        groups = br.evaluate(
+            "[...document.querySelectorAll('#groups table')].map((t) => [t.dataset.attribute, "
+            "[...t.querySelectorAll('tbody tr[data-group]')].map((r) => r.dataset.group)])"
+        )
+        assert groups == [["folder1", ["cat", "dog"]]]
+        assert br.evaluate("document.getElementById('groups-box').hidden") is False
+        marked = br.evaluate("document.querySelectorAll('#groups td.gap-low, #groups td.gap-high').length")
+        gaps = page_data((report_out / "report.html").read_text(encoding="utf-8"))["summary"]["groups"]
+        assert marked == 2 * sum(1 for g in gaps["attributes"]["folder1"]["gaps"].values() if g)
+        assert br.evaluate("document.querySelectorAll('#groups tr.gaps td.largest').length") >= 1
 
         # sort by deletion AUC, highest first; rows without the metric go last
         set_control(br, "sort", "m.deletion_auc")

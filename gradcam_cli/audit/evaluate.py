@@ -24,6 +24,7 @@ from gradcam_cli.audit.annotations import load_annotations
 from gradcam_cli.audit.batch_maps import BatchContext, Files, LayerMaps, MetricPass, PassSetup
 from gradcam_cli.audit.concentration import ConcentrationPass
 from gradcam_cli.audit.faithfulness import PerturbationPass
+from gradcam_cli.audit.groups import groups_source
 from gradcam_cli.audit.localisation import AnnotationPass
 from gradcam_cli.audit.sensitivity import SensitivityPass
 from gradcam_cli.cam.engine import CamEngine, CamResult, run_batch
@@ -60,6 +61,8 @@ def audit_manifest(s: Settings, evaluator: Evaluator | None = None) -> dict[str,
         "baseline": s.baseline,
         "boxes": str(Path(s.boxes).resolve()) if s.boxes else None,
         "masks": str(Path(s.masks).resolve()) if s.masks else None,
+        "groups": groups_source(s.groups) if s.groups else None,
+        "group_min_count": s.group_min_count,
         "only_below": s.only_below,
         "sample_rate": s.sample_rate,
         "seed": s.seed,

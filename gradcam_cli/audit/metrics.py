@@ -147,6 +147,11 @@ BY_GATE: dict[str, MetricColumn] = {c.gate: c for c in COLUMNS}
 ACCURACY = "accuracy"  # the one gate that is not on a metric: it needs ground truth
 GATES_UNDER: tuple[str, ...] = (ACCURACY, *(c.gate for c in COLUMNS if not c.lower_is_better))
 GATES_OVER: tuple[str, ...] = tuple(c.gate for c in COLUMNS if c.lower_is_better)
+# gates on the largest gap between groups (--groups), always --fail-over: `gap:KEY` (over every attribute) or
+# `gap:ATTRIBUTE:KEY`, KEY accuracy or any metric's gate key
+GAP = "gap"
+GAP_KEYS: tuple[str, ...] = (ACCURACY, *dict.fromkeys(c.gate for c in COLUMNS))
+GATES_GAP: tuple[str, ...] = tuple(f"{GAP}:{k}" for k in GAP_KEYS)
 
 
 def metric_columns(metrics: Iterable[str]) -> tuple[str, ...]:
@@ -172,6 +177,19 @@ def measured_header(header: Sequence[str], run: Mapping[str, Any]) -> list[str]:
     if not isinstance(asked, list):
         return list(header)
     return [name for name in header if name not in BY_COLUMN or BY_COLUMN[name].metric in asked]
+
+
+def gap_gate(key: str) -> tuple[str | None, str] | None:
+    """`gap:KEY` -> (None, KEY), `gap:ATTRIBUTE:KEY` -> (ATTRIBUTE, KEY); None when `key` is no gap gate."""
+    parts = key.split(":")
+    if parts[0] != GAP or len(parts) not in (2, 3) or parts[-1] not in GAP_KEYS or not parts[1].strip():
+        return None
+    return (parts[1].strip() if len(parts) == 3 else None, parts[-1])
+
+
+def gap_column(key: str) -> str:
+    """The summary name a gap gate's KEY compares: `accuracy`, or the metric column of that gate key."""
+    return ACCURACY if key == ACCURACY else BY_GATE[key].name
 
 
 def gate_hint(key: str) -> str:

@@ -25,8 +25,9 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from gradcam_cli.audit.metrics import columns_in, measured_header
-from gradcam_cli.audit.summary import summarize
+from gradcam_cli.audit.groups import Groups
+from gradcam_cli.audit.metrics import ACCURACY, columns_in, measured_header
+from gradcam_cli.audit.summary import groups_for, recorded_min_count, summarize
 from gradcam_cli.audit.truth import Truth, resolve_truth
 from gradcam_cli.errors import GradcamError
 from gradcam_cli.out import names
@@ -79,8 +80,11 @@ def make_thumbnail(source: Path, target: Path, size: int) -> bool:
         return False
 
 
-def _records(rows: Sequence[Mapping[str, str]], header: Sequence[str], truth: Truth) -> list[dict[str, Any]]:
-    """One compact record per row for the page (short keys keep 10,000 rows at a few MB)."""
+def _records(
+    rows: Sequence[Mapping[str, str]], header: Sequence[str], truth: Truth, groups: Groups | None = None
+) -> list[dict[str, Any]]:
+    """One compact record per row for the page (short keys keep 10,000 rows at a few MB); `g` is the row's
+    group per attribute (with groups)."""
     metric_cols = [c.name for c in columns_in(header)]
     truth_names: dict[str, str | None] = {}
     if truth.known:
@@ -112,6 +116,7 @@ def _records(rows: Sequence[Mapping[str, str]], header: Sequence[str], truth: Tr
                 "ti_": "",
                 "gt": truth_names.get(row.get("path", "")),
                 "m": metrics,
+                **({"g": groups.of(row.get("path", ""))} if groups is not None else {}),
             }
         )
     return records
@@ -139,8 +144,13 @@ def report(
     low_confidence: float = 0.5,
     log: LogFn | None = None,
     threads: int | None = None,
+    groups: str | Groups | None = None,
+    group_min_count: int | None = None,
 ) -> Path:
-    """Write OUT/report.html (and its thumbnails) for the explain output folder `out`; returns the page's path."""
+    """Write OUT/report.html (and its thumbnails) for the explain output folder `out`; returns the page's path.
+
+    `groups` and `group_min_count` as for `audit` (default: what run.json recorded): a per-group table and a
+    group filter."""
     log = log or (lambda message: None)
     if not 16 <= thumb_size <= 1024:
         raise GradcamError(f"--thumb-size: expected 16 to 1024 pixels, got {thumb_size}")
@@ -154,8 +164,10 @@ def report(
     roots = [str(r) for r in run.get("input_roots") or []]
     if isinstance(truth, str):
         truth = resolve_truth(truth, roots, labels, (r["path"] for r in rows))
-    summary = summarize(header, rows, truth, labels, worst=10, run=run)
-    records = _records(rows, header, truth)
+    groups = groups_for(groups, run, [r["path"] for r in rows])
+    min_count = group_min_count or recorded_min_count(run)
+    summary = summarize(header, rows, truth, labels, worst=10, run=run, groups=groups, group_min_count=min_count)
+    records = _records(rows, header, truth, groups)
 
     # thumbnails: one per original image, one per overlay, made on a thread pool (Pillow releases the GIL)
     jobs: list[tuple[Path, Path, dict[str, Any], str]] = []
@@ -189,6 +201,7 @@ def report(
         "summary": summary,
         "rows": records,
         "metrics": [c.name for c in columns_in(header)],
+        "groupKeys": {ACCURACY: ACCURACY, **{c.name: c.summary_key for c in columns_in(header)}},
         "lowConfidence": low_confidence,
         "truthKnown": truth.known,
     }

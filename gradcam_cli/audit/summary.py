@@ -1,10 +1,10 @@
-"""Audit an explain output folder: summary.json (counts, accuracy, confusions, per-class means, worst images)
-and its gates. Reads only what `explain` wrote (predictions.csv, run.json) plus ground truth; never torch.
+"""Audit an explain output folder: summary.json (counts, accuracy, confusions, per-class means, worst images,
+with --groups the same per group and the gaps between groups) and its gates. Reads only what `explain`
+wrote (predictions.csv, run.json) plus ground truth; never torch.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,8 +15,9 @@ from typing import Any
 
 from gradcam_cli import __version__
 from gradcam_cli.audit.diff.gates import DIFF_GATE_KEYS
-from gradcam_cli.audit.gates import Gate, GateResult, check_gates, gates_from, rounded
-from gradcam_cli.audit.metrics import ACCURACY, MetricColumn, columns_in, measured_header
+from gradcam_cli.audit.gates import Gate, GateResult, check_gates, gates_from, number, rounded
+from gradcam_cli.audit.groups import MIN_COUNT, Groups, groups_summary, resolve_groups
+from gradcam_cli.audit.metrics import ACCURACY, MetricColumn, columns_in, gap_gate, measured_header
 from gradcam_cli.audit.truth import Truth, resolve_truth
 from gradcam_cli.config import Settings
 from gradcam_cli.errors import ExitCode, GradcamError
@@ -49,17 +50,6 @@ class AuditResult:
         return ExitCode.IMAGE_ERRORS if self.errors else ExitCode.OK
 
 
-def number(text: str | None) -> float | None:
-    """A CSV cell as a finite float, or None (empty, not a number, or not finite)."""
-    if text is None or text == "":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _stats(values: Sequence[float]) -> dict[str, Any]:
     if not values:
         return {"count": 0, "mean": None, "median": None, "min": None, "max": None}
@@ -83,12 +73,16 @@ def summarize(
     labels: Sequence[str] = (),
     worst: int = 10,
     run: Mapping[str, Any] | None = None,
+    groups: Groups | None = None,
+    group_min_count: int = MIN_COUNT,
 ) -> dict[str, Any]:
     """The summary of an output folder's rows; pure (no files), so tests and `report` can call it directly.
 
     Image-level numbers (counts, accuracy) count each path once (its first row: several targets or layers give
     several rows with the same prediction); metric numbers are over rows (each map is one measurement).
-    Accuracy counts `ok` and `skipped` rows (both carry the prediction); `error` rows have none.
+    Accuracy counts `ok` and `skipped` rows (both carry the prediction); `error` rows have none. With `groups`,
+    the `groups` block holds the same per group and the gaps between groups (`audit.groups.groups_summary`;
+    a group needs `group_min_count` values of a number to take part in its gap); else it is null.
     """
     metric_cols = columns_in(header)
     first: dict[str, Mapping[str, str]] = {}
@@ -122,6 +116,11 @@ def summarize(
         ),
         "per_class": _per_class(ok_rows, truth_of, metric_cols, truth.known),
         "worst": _worst(values, metric_cols, worst),
+        "groups": (
+            groups_summary(groups, first, ok_rows, truth_of, metric_cols, truth.known, group_min_count)
+            if groups is not None
+            else None
+        ),
     }
 
 
@@ -258,10 +257,14 @@ def audit(
     gates: Sequence[Gate] = (),
     labels: Sequence[str] | None = None,
     write: bool = True,
+    groups: str | Groups | None = None,
+    group_min_count: int | None = None,
 ) -> AuditResult:
     """Summarise the explain output folder `out` into `out/summary.json` and check `gates`.
 
-    `labels` default to the class names recorded in run.json; `truth` is a `truth` setting or a resolved Truth.
+    `labels` default to the class names recorded in run.json; `truth` is a `truth` setting or a resolved Truth;
+    `groups` a `groups` setting (a CSV, `folders:N`, `none`) or resolved Groups, by default what run.json
+    recorded (a run's groups are audited the way it was made); `group_min_count` too (else MIN_COUNT).
     """
     folder = OutputFolder(out)
     header, rows, run = folder.read()
@@ -270,7 +273,9 @@ def audit(
     if isinstance(truth, str):
         roots = [str(r) for r in run.get("input_roots") or []]
         truth = resolve_truth(truth, roots, class_names, (r["path"] for r in rows))
-    summary = summarize(header, rows, truth, class_names, worst, run)
+    groups = groups_for(groups, run, [r["path"] for r in rows])
+    min_count = group_min_count or recorded_min_count(run)
+    summary = summarize(header, rows, truth, class_names, worst, run, groups, min_count)
     results = check_gates(summary, header, gates)
     summary["gates"] = [g.to_json() for g in results]
     summary["passed"] = all(g.passed for g in results)
@@ -279,6 +284,47 @@ def audit(
         path = folder.file(names.SUMMARY)
         write_json(path, summary)
     return AuditResult(summary=summary, gates=results, path=path, errors=summary["counts"]["error"])
+
+
+def recorded_groups(run: Mapping[str, Any]) -> str | None:
+    """The groups source run.json's `audit` block recorded (None for a run without --groups)."""
+    audit_block = run.get("audit")
+    found = audit_block.get("groups") if isinstance(audit_block, Mapping) else None
+    return found if isinstance(found, str) else None
+
+
+def groups_for(groups: str | Groups | None, run: Mapping[str, Any], rels: Sequence[str]) -> Groups | None:
+    """The groups of an audit or report: `groups` as given, else the source run.json recorded (a problem with
+    that one says where it came from, and how to choose another)."""
+    if isinstance(groups, Groups):
+        return groups
+    if groups is not None:
+        return resolve_groups(groups, rels)
+    try:
+        return resolve_groups(recorded_groups(run), rels)
+    except GradcamError as exc:
+        raise GradcamError(f"{exc}; it is the one run.json recorded: pass --groups FILE, folders:N or none") from None
+
+
+def recorded_min_count(run: Mapping[str, Any]) -> int:
+    """The group_min_count run.json's `audit` block recorded, else MIN_COUNT."""
+    audit_block = run.get("audit")
+    found = audit_block.get("group_min_count") if isinstance(audit_block, Mapping) else None
+    return found if isinstance(found, int) and not isinstance(found, bool) and found > 0 else MIN_COUNT
+
+
+def _gap_lines(summary: Mapping[str, Any]) -> list[str]:
+    """One line per number with a gap between groups: its largest gap and the two groups it lies between."""
+    block = summary.get("groups") or {}
+    lines = []
+    for key, found in (block.get("largest_gaps") or {}).items():
+        if found:
+            low, high = found["low"], found["high"]
+            lines.append(
+                f"largest {key} gap {found['gap']:.4f} by {found['attribute']}: {low['group']} {low['value']:.4f} "
+                f"vs {high['group']} {high['value']:.4f}"
+            )
+    return lines
 
 
 def summary_lines(result: AuditResult) -> list[str]:
@@ -300,6 +346,7 @@ def summary_lines(result: AuditResult) -> list[str]:
     for col, st in s["metrics"].items():
         if col != "pointing_hit" and st["count"]:
             lines.append(f"{col} mean {st['mean']:.4f} (median {st['median']:.4f}, {st['count']} maps)")
+    lines.extend(_gap_lines(s))
     if result.path is not None:
         lines.append(f"summary -> {result.path}")
     return lines
@@ -314,23 +361,42 @@ class AuditPlan:
     gates: list[Gate]
     worst: int
     labels: list[str]
+    groups: Groups | None = None
+    group_min_count: int = MIN_COUNT
 
     def run(self, out: str | Path) -> AuditResult:
-        return audit(out, truth=self.truth, worst=self.worst, gates=self.gates, labels=self.labels)
+        groups = self.groups if self.groups is not None else "none"
+        return audit(
+            out,
+            truth=self.truth,
+            worst=self.worst,
+            gates=self.gates,
+            labels=self.labels,
+            groups=groups,
+            group_min_count=self.group_min_count,
+        )
 
 
 def prepare_audit(
     settings: Settings, input_roots: Sequence[str], labels: Sequence[str], rels: Iterable[str]
 ) -> AuditPlan | None:
-    """An AuditPlan when `settings` ask for a summary or a gate, else None."""
+    """An AuditPlan when `settings` ask for a summary or a gate, else None.
+
+    --groups is read and checked against the images `rels` here in any case, before the run: a groups file
+    that matches no image is a usage error whether the summary is made now or by a later `gradcam audit`."""
+    rels = list(rels)
+    groups = resolve_groups(settings.groups, rels)
     fail_under = [(k, v) for k, v in settings.fail_under if k not in DIFF_GATE_KEYS]  # the diff checks its own
     fail_over = [(k, v) for k, v in settings.fail_over if k not in DIFF_GATE_KEYS]
     if not (settings.summary or fail_under or fail_over):
         return None
     truth = resolve_truth(settings.truth, input_roots, labels, rels)
-    if any(key == ACCURACY for key, _ in fail_under) and not truth.known:
-        raise GradcamError(
-            "--fail-under accuracy=...: no ground truth (put a labels.csv of path,label in the input folder, "
-            "name the folders after the classes with --truth folders, or pass --truth FILE)"
-        )
-    return AuditPlan(truth, gates_from(fail_under, fail_over), settings.worst, list(labels))
+    for flag, key in [("--fail-under", k) for k, _ in fail_under] + [("--fail-over", k) for k, _ in fail_over]:
+        inner = gap_gate(key)
+        if (inner[1] if inner else key) == ACCURACY and not truth.known:
+            raise GradcamError(
+                f"{flag} {key}=...: no ground truth (put a labels.csv of path,label in the input folder, "
+                "name the folders after the classes with --truth folders, or pass --truth FILE)"
+            )
+    gates = gates_from(fail_under, fail_over)
+    return AuditPlan(truth, gates, settings.worst, list(labels), groups, settings.group_min_count)

@@ -39,6 +39,18 @@ RESUME_KEYS: tuple[str, ...] = (
     "ground_truth",  # `--target label` classes and the true_* columns
 )
 
+# audit settings that shape only the summary, not the rows: a resume may change them (and a run.json from before
+# they were recorded lacks them)
+SUMMARY_ONLY_AUDIT_KEYS: tuple[str, ...] = ("groups", "group_min_count")
+
+
+def _rows_settings(manifest: Mapping[str, Any], key: str) -> Any:
+    """run.json's `key` as far as it decides what the rows hold."""
+    value = manifest.get(key)
+    if key == "audit" and isinstance(value, Mapping):
+        return {k: v for k, v in value.items() if k not in SUMMARY_ONLY_AUDIT_KEYS}
+    return value
+
 
 @dataclass
 class ResumeState:
@@ -65,7 +77,7 @@ def _check_settings(out: Path, manifest: Mapping[str, Any]) -> None:
     if isinstance(previous.get("preprocessing"), dict):  # recorded before the resize filter was: bilinear
         previous["preprocessing"].setdefault("interpolation", "bilinear")
     for key in RESUME_KEYS:
-        if previous.get(key) != now.get(key):
+        if _rows_settings(previous, key) != _rows_settings(now, key):
             raise GradcamError(
                 f"--resume: {out} was made with {key} {previous.get(key)!r} but this run has {now.get(key)!r}; "
                 "resume with the same settings, or start fresh (no --resume, or another -o)"

@@ -79,6 +79,54 @@ function stat(label, value) { $("summary").append(el("div", {class: "stat"}, el(
   }
   draw();
 })();
+// ------------------------------------------------------------- per-group tables: the gaps' two groups marked
+(function groups() {
+  const block = S.groups;
+  if (!block) { $("groups-box").hidden = true; $("f-group-label").hidden = true; return; }
+  const keyOf = D.groupKeys;  // gap key (accuracy, a metric column) -> its key in a group's entry
+  for (const [attr, a] of Object.entries(block.attributes)) {
+    const cols = Object.keys(a.groups[0] || {}).filter((k) => !k.startsWith("count_"));
+    const marks = {};  // "group|column" -> gap-low / gap-high
+    const gapOf = {};  // column -> [gap, whether it is the largest over every attribute]
+    for (const [key, g] of Object.entries(a.gaps)) {
+      if (!g) continue;
+      const col = keyOf[key];
+      marks[g.low.group + "|" + col] = "gap-low";
+      marks[g.high.group + "|" + col] = "gap-high";
+      const largest = (block.largest_gaps || {})[key];
+      gapOf[col] = [g.gap, !!largest && largest.attribute === attr];
+    }
+    const table = el("table", {"data-attribute": attr});
+    const head = el("tr");
+    for (const col of cols) head.append(el("th", {text: col.replace(/_/g, " ")}));
+    table.append(el("thead", {}, head));
+    const body = el("tbody");
+    for (const entry of a.groups) {
+      const tr = el("tr", {"data-group": entry.group});
+      for (const col of cols) {
+        const v = entry[col];
+        const text = typeof v === "number" && !Number.isInteger(v) ? fmt(v) : (v ?? "");
+        tr.append(el("td", {class: marks[entry.group + "|" + col] || "", text: String(text)}));
+      }
+      body.append(tr);
+    }
+    const gaps = el("tr", {class: "gaps"});
+    for (const col of cols) {
+      const g = gapOf[col];
+      const text = col === "group" ? "largest gap" : (g ? fmt(g[0]) : "");
+      gaps.append(el("td", {class: g && g[1] ? "largest" : "", text: text}));
+    }
+    body.append(gaps);
+    table.append(body);
+    $("groups").append(el("h3", {text: attr + " (groups with fewer than " + block.min_count +
+      " values take no part in a gap; " + block.no_group + ": images without a group)"}),
+      el("div", {class: "table-wrap"}, table));
+    for (const entry of a.groups) {
+      $("f-group").append(el("option", {value: JSON.stringify([attr, entry.group]),
+        text: attr + ": " + entry.group + " (" + entry.images + ")"}));
+    }
+  }
+})();
 // ------------------------------------------------------------------------------ filters and sorting
 const sortSel = $("sort");
 const SORTS = [["path", "path"], ["pp", "prediction probability"], ["tp", "target probability"]]
@@ -97,6 +145,8 @@ function matches(r) {
   if ($("f-lowconf").checked && !(r.pp !== null && r.pp < +$("t-lowconf").value)) return false;
   if ($("f-missed").checked && r.m.pointing_hit !== 0) return false;
   if ($("f-lowenergy").checked && !(r.m.energy_in_box !== undefined && r.m.energy_in_box < +$("t-lowenergy").value)) return false;
+  const grp = $("f-group").value;
+  if (grp) { const [attr, name] = JSON.parse(grp); if (!r.g || r.g[attr] !== name) return false; }
   const st = $("f-status").value;
   if (st && r.s !== st) return false;
   const q = norm($("f-search").value);
@@ -168,7 +218,7 @@ $("gallery").addEventListener("keydown", (ev) => {
 });
 $("lightbox").addEventListener("click", closeBox);
 document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") closeBox(); });
-for (const id of ["f-misclassified", "f-lowconf", "f-missed", "f-lowenergy", "f-status", "sort", "t-lowconf", "t-lowenergy"])
+for (const id of ["f-misclassified", "f-lowconf", "f-missed", "f-lowenergy", "f-group", "f-status", "sort", "t-lowconf", "t-lowenergy"])
   $(id).addEventListener("change", apply);
 let typing = 0;
 $("f-search").addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(apply, 150); });
