@@ -136,6 +136,14 @@ def test_report_in_headless_chromium(report_out: Path, tmp_path: Path) -> None:
         ]
         set_control(br, "t-lowenergy", "0.5")
         assert only("f-lowenergy", True) == ["cat/b.png"]
+        # "worse than" a metric: deletion is lower-is-better, so the rows above the number
+        cut = sorted(float(r["deletion_auc"]) for r in rows if r["deletion_auc"])[1]
+        set_control(br, "t-metric", str(cut))
+        worse = [p for p, r in by_path.items() if r["deletion_auc"] and float(r["deletion_auc"]) > cut]
+        assert worse and only("f-metric", "deletion_auc") == worse
+        set_control(br, "t-metric", "")
+        options = br.evaluate("[...document.getElementById('f-metric').options].map((o) => o.value)")
+        assert options == ["", "deletion_auc", "pointing_hit", "energy_in_box"]  # the ranked columns measured
         assert len(card_paths(br)) == len(rows)  # every filter off again
 
         # the per-group table: one per attribute, a row per group, the gaps' two groups marked

@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from gradcam_cli.audit.groups import Groups
-from gradcam_cli.audit.metrics import ACCURACY, columns_in, measured_header
+from gradcam_cli.audit.metrics import ACCURACY, COLUMNS, columns_in, measured_header
 from gradcam_cli.audit.summary import groups_for, recorded_min_count, summarize
 from gradcam_cli.audit.truth import Truth, resolve_truth
 from gradcam_cli.errors import GradcamError
@@ -201,6 +201,7 @@ def report(
         "summary": summary,
         "rows": records,
         "metrics": [c.name for c in columns_in(header)],
+        "metricInfo": {c.name: {"lower": c.lower_is_better, "ranked": c.ranked, "help": c.help} for c in COLUMNS},
         "groupKeys": {ACCURACY: ACCURACY, **{c.name: c.summary_key for c in columns_in(header)}},
         "lowConfidence": low_confidence,
         "truthKnown": truth.known,

@@ -1,6 +1,6 @@
 "use strict";
 const D = JSON.parse(document.getElementById("data").textContent);
-const S = D.summary, ROWS = D.rows, METRICS = D.metrics;
+const S = D.summary, ROWS = D.rows, METRICS = D.metrics, INFO = D.metricInfo || {};
 const PAGE = 120;
 const $ = (id) => document.getElementById(id);
 const fmt = (v, d = 3) => (v === null || v === undefined || Number.isNaN(v)) ? "n/a" : (+v).toFixed(d);
@@ -39,11 +39,11 @@ function stat(label, value) { $("summary").append(el("div", {class: "stat"}, el(
   const gt = S.ground_truth || {};
   if (gt.source) stat("accuracy (" + gt.correct + "/" + gt.images + ")", fmt(gt.accuracy));
   if (S.pointing) stat("pointing hit rate (" + S.pointing.hits + "/" + S.pointing.annotated + ")", fmt(S.pointing.hit_rate));
-  const NAMES = {deletion_auc: "mean deletion AUC (lower is better)", insertion_auc: "mean insertion AUC",
-    avg_drop: "Average Drop % (lower is better)", increase: "Increase in Confidence rate",
-    energy_in_box: "mean energy in box"};
+  const NAMES = {avg_drop: "Average Drop %", increase: "Increase in Confidence rate"};
   for (const [k, st] of Object.entries(S.metrics || {})) {
-    if (k !== "pointing_hit" && st.count) stat(NAMES[k] || k, fmt(st.mean, k === "avg_drop" ? 1 : 3));
+    const info = INFO[k] || {};
+    const name = (NAMES[k] || "mean " + k.replace(/_/g, " ")) + (info.lower ? " (lower is better)" : "");
+    if (k !== "pointing_hit" && st.count) stat(name, fmt(st.mean, k === "avg_drop" ? 1 : 3));
   }
   for (const g of S.gates || []) {
     $("gates").append(el("span", {class: "gate " + (g.passed ? "pass" : "fail"),
@@ -138,6 +138,16 @@ function disable(id, why) { const box = $(id); box.disabled = true; box.parentEl
 if (!D.truthKnown) disable("f-misclassified", "no ground truth (labels.csv, --truth)");
 if (!METRICS.includes("pointing_hit")) disable("f-missed", "no pointing_hit column (--metrics pointing)");
 if (!METRICS.includes("energy_in_box")) disable("f-lowenergy", "no energy_in_box column (--metrics energy)");
+// "worse than": any ranked metric column, on its bad side of the number (above it when lower is better)
+for (const m of METRICS.filter((m) => INFO[m] && INFO[m].ranked))
+  $("f-metric").append(el("option", {value: m, text: m + (INFO[m].lower ? " >" : " <")}));
+if ($("f-metric").options.length === 1) $("f-metric-label").hidden = true;
+function worse(r) {
+  const m = $("f-metric").value, t = $("t-metric").value;
+  if (!m || t === "") return true;
+  const v = r.m[m];
+  return v !== undefined && (INFO[m].lower ? v > +t : v < +t);
+}
 
 function value(r, key) { return key === "path" ? r.p : key.startsWith("m.") ? r.m[key.slice(2)] : r[key]; }
 function matches(r) {
@@ -145,6 +155,7 @@ function matches(r) {
   if ($("f-lowconf").checked && !(r.pp !== null && r.pp < +$("t-lowconf").value)) return false;
   if ($("f-missed").checked && r.m.pointing_hit !== 0) return false;
   if ($("f-lowenergy").checked && !(r.m.energy_in_box !== undefined && r.m.energy_in_box < +$("t-lowenergy").value)) return false;
+  if (!worse(r)) return false;
   const grp = $("f-group").value;
   if (grp) { const [attr, name] = JSON.parse(grp); if (!r.g || r.g[attr] !== name) return false; }
   const st = $("f-status").value;
@@ -218,7 +229,7 @@ $("gallery").addEventListener("keydown", (ev) => {
 });
 $("lightbox").addEventListener("click", closeBox);
 document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") closeBox(); });
-for (const id of ["f-misclassified", "f-lowconf", "f-missed", "f-lowenergy", "f-group", "f-status", "sort", "t-lowconf", "t-lowenergy"])
+for (const id of ["f-misclassified", "f-lowconf", "f-missed", "f-lowenergy", "f-metric", "t-metric", "f-group", "f-status", "sort", "t-lowconf", "t-lowenergy"])
   $(id).addEventListener("change", apply);
 let typing = 0;
 $("f-search").addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(apply, 150); });
