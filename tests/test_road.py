@@ -2,10 +2,10 @@
 `explain --metrics road` with its gates end to end.
 
 pytorch-grad-cam solves each imputation system exactly (scipy's sparse LU in float64); ours stops at a relative
-residual of RTOL = 1e-5 in float32. On these small images (<= 48 px) the systems are well conditioned
-(cond(D - W) well under 10^3), so the imputed values agree to about 1e-5 of their scale (1 here): the tests
-allow 1e-4 on imputed values and 2e-5 on probabilities (whose model is smooth in its input, and the CSV keeps 6
-digits).
+residual ||r|| / ||b|| of RTOL = 1e-5 in float32. The error of the solution is at most cond(A) times that
+relative to its scale (1 here); on these small images (<= 48 px) it measures at most 6e-5, so the tests allow
+IMPUTED_TOL = 1e-4 on imputed values. Probabilities move far less than the inputs on the tiny model (measured
+5e-7 at most, the CSV's own rounding): PROB_TOL = 2e-6 on the scores as written (6 digits).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarnin
 
 COLUMNS = ("road_morf", "road_lerf", "road_combined")
 IMPUTED_TOL = 1e-4
-PROB_TOL = 2e-5
+PROB_TOL = 2e-6
 
 
 def smooth_maps(n: int, h: int, w: int, seed: int) -> Tensor:

@@ -23,12 +23,13 @@ units (the normalisation mean colour) plus the noise. pytorch-grad-cam's direct 
 
 It is solved per image and channel by conjugate gradients in float32, all systems of a chunk at once,
 preconditioned by one symmetric multigrid V-cycle (`v_cycle`): damped Jacobi smoothing, piecewise-constant
-2 x 2 aggregation and Galerkin coarse operators down to 1 x 1, so the iterations hardly grow with the image
-size (plain Jacobi preconditioning needs more iterations than the image has rows, as information crosses one
-pixel per iteration). The start is a coarse-to-fine masked average (`warm_start`); a system stops when
-||r|| <= RTOL * ||b|| or after MAX_ITER iterations, each on its own, so its result does not depend on the other
-systems of its chunk. The operator is a 9-point stencil with per-pixel coefficients, applied by shifted
-multiply-adds (zero padding drops the neighbours outside the image).
+2 x 2 aggregation and Galerkin coarse operators down to 1 x 1, the coarse correction weighted by CORRECTION.
+So the iterations hardly grow with the image size (plain Jacobi preconditioning needs more iterations than the
+image has rows: information crosses one pixel per iteration). The start is a coarse-to-fine masked average
+(`warm_start`); a system stops when ||r|| <= RTOL * ||b|| or after MAX_ITER iterations, each on its own, so
+its result does not depend on the other systems of its chunk. The operator is a 9-point stencil with
+per-pixel coefficients, applied by shifted multiply-adds (zero padding drops the neighbours outside the
+image).
 
 The noise of one (image, map, order, percentile) comes from a CPU generator seeded with settings.seed plus a
 64-bit BLAKE2b hash of the image path, the map name, the order and the percentile (`noise_seed`): the same
@@ -58,6 +59,7 @@ RTOL = 1e-5
 MAX_ITER = 200
 SWEEPS = 1  # damped Jacobi sweeps before and after each coarse-grid correction
 OMEGA = 2.0 / 3.0
+CORRECTION = 1.5  # the coarse-grid correction, over-weighted as aggregation multigrid needs (< 2 keeps it SPD)
 DIRECT, DIAGONAL = 1.0 / 6.0, 1.0 / 12.0
 
 
@@ -165,15 +167,16 @@ def hierarchy(removed: Tensor) -> list[tuple[Tensor, Tensor]]:
 
 
 def v_cycle(levels: Sequence[tuple[Tensor, Tensor]], r: Tensor) -> Tensor:
-    """One symmetric multigrid V-cycle for A z = r (J, C, h, w): SWEEPS damped Jacobi sweeps before and after
-    the coarse-grid correction, exact on the 1 x 1 level. A symmetric positive definite preconditioner."""
+    """One symmetric multigrid V-cycle for A z = r (J, C, h, w): SWEEPS damped Jacobi sweeps (weight OMEGA)
+    before and after the coarse-grid correction P v_cycle(P^T (r - A z)) times CORRECTION, exact on the 1 x 1
+    level. Symmetric, and positive definite for CORRECTION < 2: a preconditioner for conjugate gradients."""
     coef, dinv = levels[0]
     if len(levels) == 1:
         return dinv * r
     z = OMEGA * dinv * r
     for _ in range(SWEEPS - 1):
         z.addcmul_(OMEGA * dinv, r - apply(coef, z))
-    z.add_(prolong(v_cycle(levels[1:], restrict(r - apply(coef, z))), r.shape[-2:]))
+    z.add_(prolong(v_cycle(levels[1:], restrict(r - apply(coef, z))), r.shape[-2:]), alpha=CORRECTION)
     for _ in range(SWEEPS):
         z.addcmul_(OMEGA * dinv, r - apply(coef, z))
     return z
