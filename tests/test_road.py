@@ -3,7 +3,7 @@
 
 pytorch-grad-cam solves each imputation system exactly (scipy's sparse LU in float64); ours stops at a relative
 residual ||r|| / ||b|| of RTOL = 1e-5 in float32. The error of the solution is at most cond(A) times that
-relative to its scale (1 here); on these small images (<= 48 px) it measures at most 6e-5, so the tests allow
+relative to its scale (1 here); on these small images (<= 96 px) it measures at most 6e-5, so the tests allow
 IMPUTED_TOL = 1e-4 on imputed values. Probabilities move far less than the inputs on the tiny model (measured
 5e-7 at most, the CSV's own rounding): PROB_TOL = 2e-6 on the scores as written (6 digits).
 """
@@ -109,7 +109,7 @@ def masks_for(h: int, w: int) -> list[Tensor]:
     return [torch.rand(h, w, generator=g) < 0.5, sal >= sal.quantile(0.1), sal <= sal.quantile(0.9), block]
 
 
-@pytest.mark.parametrize("size", [(32, 32), (40, 48)])
+@pytest.mark.parametrize("size", [(32, 32), (40, 48), (96, 96)])
 def test_imputer_equals_pytorch_grad_cams_noisy_linear_imputer(size: tuple[int, int]) -> None:
     masks = masks_for(*size)
     x = torch.randn(len(masks), 3, *size, generator=torch.Generator().manual_seed(5))
@@ -168,6 +168,21 @@ def test_scores_equal_pytorch_grad_cams_road_without_noise() -> None:
         got = [float(v[column]) for v in values]
         assert np.abs(np.array(got) - expected[column]).max() < PROB_TOL, column
     assert float(values[0]["road_morf"]) != pytest.approx(0.0, abs=1e-3)  # the test measures something
+
+
+@pytest.mark.usefixtures("no_noise")
+def test_a_flat_map_removes_every_pixel_and_scores_the_mean_colour() -> None:
+    """A constant map: both orders remove everything at every percentile (nothing is below the threshold), so
+    every imputed image is the normalisation mean colour (0) and both scores are P(0) - P(x)."""
+    model, x, _, classes, rels = world_of_maps()
+    values = run_pass(model, x, torch.zeros(3, 32, 32), classes, rels, chunk=10)
+    with torch.no_grad():
+        expected = model(torch.zeros_like(x)).softmax(1) - model(x).softmax(1)
+    for i, v in enumerate(values):
+        change = expected[i, classes[i]].item()
+        assert float(v["road_morf"]) == pytest.approx(change, abs=1e-6)
+        assert float(v["road_lerf"]) == pytest.approx(change, abs=1e-6)
+        assert float(v["road_combined"]) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_noise_moves_the_scores_little() -> None:
