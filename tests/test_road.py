@@ -186,6 +186,8 @@ def test_a_flat_map_removes_every_pixel_and_scores_the_mean_colour() -> None:
 
 
 def test_noise_moves_the_scores_little() -> None:
+    """sigma = 0.01 of noise on the imputed pixels is a small input change: the scores move by well under a
+    tenth of it (measured 8e-5 here), and they do move."""
     model, x, sal, classes, rels = world_of_maps()
     noisy = run_pass(model, x, sal, classes, rels, chunk=64)
     with pytest.MonkeyPatch.context() as mp:
@@ -193,7 +195,7 @@ def test_noise_moves_the_scores_little() -> None:
         clean = run_pass(model, x, sal, classes, rels, chunk=64)
     for a, b in zip(noisy, clean, strict=True):
         for column in COLUMNS:
-            assert abs(float(a[column]) - float(b[column])) < 5e-3
+            assert abs(float(a[column]) - float(b[column])) < 1e-3
     assert noisy != clean
 
 
