@@ -26,6 +26,7 @@ from gradcam_cli.audit.concentration import ConcentrationPass
 from gradcam_cli.audit.faithfulness import PerturbationPass
 from gradcam_cli.audit.groups import groups_source
 from gradcam_cli.audit.localisation import AnnotationPass
+from gradcam_cli.audit.road import RoadPass
 from gradcam_cli.audit.sensitivity import SensitivityPass
 from gradcam_cli.cam.engine import CamEngine, CamResult, run_batch
 from gradcam_cli.config import Settings
@@ -44,6 +45,7 @@ PASSES: tuple[Callable[[PassSetup], MetricPass], ...] = (
     ConcentrationPass,
     AnnotationPass,
     PerturbationPass,
+    RoadPass,
     SensitivityPass,
 )
 
