@@ -25,6 +25,8 @@ from gradcam_cli.audit.batch_maps import BatchContext, Files, LayerMaps, MetricP
 from gradcam_cli.audit.concentration import ConcentrationPass
 from gradcam_cli.audit.faithfulness import PerturbationPass
 from gradcam_cli.audit.localisation import AnnotationPass
+from gradcam_cli.audit.random_logit import RandomLogitPass
+from gradcam_cli.audit.randomization import RandomizationPass
 from gradcam_cli.cam.engine import CamEngine, CamResult, run_batch
 from gradcam_cli.config import Settings
 from gradcam_cli.data.batches import Batch, subset_batch
@@ -42,6 +44,8 @@ PASSES: tuple[Callable[[PassSetup], MetricPass], ...] = (
     ConcentrationPass,
     AnnotationPass,
     PerturbationPass,
+    RandomLogitPass,
+    RandomizationPass,
 )
 
 
