@@ -31,6 +31,7 @@ from gradcam_cli.audit.random_logit import other_class, random_logit_values
 from gradcam_cli.audit.randomization import randomization_curves
 from gradcam_cli.audit.reinit import plan_randomization
 from gradcam_cli.cam.engine import CamEngine, CamResult
+from gradcam_cli.errors import GradcamError
 
 stats = pytest.importorskip("scipy.stats")
 skmetrics = pytest.importorskip("skimage.metrics")
@@ -252,6 +253,12 @@ def test_an_input_layer_counts_its_own_module_as_after() -> None:
     assert plan.weights.names == [["fc"]]
     plan = plan_randomization(model, {"features.2:input": model.features[2]}, SIZE, torch.device("cpu"), 0, False)
     assert plan.weights.names == [["features.2", "fc"]]
+
+
+def test_a_layer_with_nothing_to_re_initialise_after_it_is_refused() -> None:
+    model = tiny_net()
+    with pytest.raises(GradcamError, match="nothing to re-initialise"):
+        plan_randomization(model, {"fc": model.fc}, SIZE, torch.device("cpu"), SEED, cascade=False)
 
 
 # ----------------------------------------------------------------------------------------------- the CLI

@@ -68,6 +68,8 @@ class RandomLogitPass:
 
     def measure(self, ctx: BatchContext, layers: Sequence[LayerMaps]) -> None:
         num_classes = int(ctx.result.logits.shape[1])
+        if num_classes < 2:  # no other class to draw: the column stays empty
+            return
         others = [other_classes(maps, num_classes, self.seed) for maps in layers]
         values = random_logit_values(ctx.explain, ctx.x, ctx.result.targets, layers, others)
         for maps, value in zip(layers, values, strict=True):

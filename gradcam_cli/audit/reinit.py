@@ -211,6 +211,8 @@ def plan_randomization(
 ) -> RandomizationPlan:
     """Find the head (and the cascade's blocks) by one probe forward and make their random weights."""
     ticks, fired = first_calls(model, targets, input_size, device)
+    if fired < 0:
+        raise GradcamError(f"--metrics randomization: layer {', '.join(targets)} was not used by the forward pass")
     head = head_modules(model, ticks, fired)
     modules = dict(model.named_modules())
     if not any(callable(getattr(modules[n], "reset_parameters", None)) for n in head):
