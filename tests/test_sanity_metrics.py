@@ -350,7 +350,7 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "efficientnet_lite0.yam
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_images"
 
 
-def test_gradcam_fails_less_than_guided_backprop_on_the_real_model(tmp_path: Path) -> None:
+def test_on_the_real_model_gradcam_changes_with_a_random_head_and_guided_backprop_does_not(tmp_path: Path) -> None:
     """Adebayo et al.: with the head re-initialised, Grad-CAM's map changes (low rank correlation) while guided
     backprop's stays nearly the same picture (high); margin 0.3 between the means."""
     pytest.importorskip("efficientnet_lite_pytorch", reason="the demo extra is part of `make test`'s install")
