@@ -26,6 +26,8 @@ from gradcam_cli.audit.concentration import ConcentrationPass
 from gradcam_cli.audit.faithfulness import PerturbationPass
 from gradcam_cli.audit.groups import groups_source
 from gradcam_cli.audit.localisation import AnnotationPass
+from gradcam_cli.audit.random_logit import RandomLogitPass
+from gradcam_cli.audit.randomization import RandomizationPass
 from gradcam_cli.audit.road import RoadPass
 from gradcam_cli.audit.sensitivity import SensitivityPass
 from gradcam_cli.cam.engine import CamEngine, CamResult, run_batch
@@ -45,8 +47,10 @@ PASSES: tuple[Callable[[PassSetup], MetricPass], ...] = (
     ConcentrationPass,
     AnnotationPass,
     PerturbationPass,
-    RoadPass,
+    RandomLogitPass,
+    RandomizationPass,
     SensitivityPass,
+    RoadPass,
 )
 
 

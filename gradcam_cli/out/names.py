@@ -21,6 +21,7 @@ DIFF_CSV, DIFF_JSON, DIFF_REPORT = "diff.csv", "diff.json", "diff.html"  # in th
 THUMBNAILS = "thumbnails"
 LOCK = ".gradcam.lock"  # held by a running explain (see out.lock); gone when it exits
 HEATMAPS, OVERLAYS, NPY, GUIDED = "heatmaps", "overlays", "npy", "guided"
+RANDOMIZATION = "randomization"  # the per-map curves of `--randomization cascade`
 RANK_CSV = re.compile(r"^predictions\.rank(\d+)\.csv$")
 SAVE_KINDS: tuple[str, ...] = ("heatmap", "overlay", "npy")
 
@@ -73,6 +74,10 @@ class OutputNames:
     def suffix(self, layer: str, target: int) -> str:
         """What tells one image's maps apart in their file names: `__<layer>`, then `__<class index>`."""
         return (f"__{layer}" if len(self.maps) > 1 else "") + (f"__{target}" if self.multi_target else "")
+
+    def randomization_curve(self, rel: str, layer: str, target: int) -> str:
+        """The cascade curve of one map: `randomization/cats/tom.jpg__281.npy`, suffixed as its npy/ file."""
+        return output_name(RANDOMIZATION, rel, self.suffix(layer, target), "npy")
 
     def for_row(self, rel: str, layer: str, target: int) -> RowFiles:
         suffix = self.suffix(layer, target)
