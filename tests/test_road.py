@@ -69,7 +69,7 @@ def run_pass(model: nn.Module, x: Tensor, sal: Tensor, classes: Tensor, rels: li
     maps = LayerMaps("layer", sal, torch.arange(n), torch.zeros(n, dtype=torch.long), classes, rels, sal.shape[1:])
     maps.__dict__["saliency"] = sal  # these maps as they are (no resize, no renormalisation)
     ctx = BatchContext(None, None, x, SimpleNamespace(probs=probs), None, chunk, forward, None)  # type: ignore[arg-type]
-    R.RoadPass(SimpleNamespace(settings=SimpleNamespace(seed=0))).measure(ctx, [maps])  # type: ignore[arg-type]
+    R.RoadPass(SimpleNamespace(settings=SimpleNamespace(seed=0, metrics=("road",)))).measure(ctx, [maps])  # type: ignore[arg-type]
     return maps.values
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -105,12 +105,18 @@ class PassSetup:
     outputs: OutputNames | None
 
 
-class MetricPass(Protocol):
-    """One family of metrics: the `--metrics` names it serves, its per-batch measurement, and what run.json's
-    `audit` block should record about how it measured (seeds, re-initialised layers, ...)."""
+class MetricPass:
+    """One family of metrics: the `--metrics` names it serves (known before it is built, so a family that was
+    not asked for costs nothing), its per-batch measurement, and what run.json's `audit` block records about
+    how it measured (seeds, re-initialised layers, ...). A family prepares what it needs once, from the setup."""
 
-    metrics: tuple[str, ...]
+    metrics: ClassVar[tuple[str, ...]] = ()
 
-    def measure(self, ctx: BatchContext, layers: Sequence[LayerMaps]) -> None: ...
+    def __init__(self, setup: PassSetup) -> None:
+        self.asked = set(setup.settings.metrics)
 
-    def manifest(self) -> dict[str, Any]: ...
+    def measure(self, ctx: BatchContext, layers: Sequence[LayerMaps]) -> None:
+        raise NotImplementedError
+
+    def manifest(self) -> dict[str, Any]:
+        return {}

@@ -18,12 +18,11 @@ digit, which is the precision the CSV keeps.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from gradcam_cli.audit.batch_maps import BatchContext, LayerMaps, PassSetup
+from gradcam_cli.audit.batch_maps import BatchContext, LayerMaps, MetricPass
 
 GINI_EPS = 1e-7
 ENTROPY_EPS = 1e-12
@@ -46,14 +45,8 @@ def entropy(maps: Tensor) -> Tensor:
     return -(p * torch.log(p + ENTROPY_EPS)).sum(dim=1)
 
 
-class ConcentrationPass:
-    metrics: tuple[str, ...] = ("sparseness", "complexity")
-
-    def __init__(self, setup: PassSetup) -> None:
-        self.asked = set(setup.settings.metrics)
-
-    def manifest(self) -> dict[str, Any]:
-        return {}
+class ConcentrationPass(MetricPass):
+    metrics = ("sparseness", "complexity")
 
     def measure(self, ctx: BatchContext, layers: Sequence[LayerMaps]) -> None:
         for maps in layers:

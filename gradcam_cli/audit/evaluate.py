@@ -43,7 +43,7 @@ from gradcam_cli.out.table import Row
 Rows = dict[int, list[Row]]
 
 # every metric family, in the order they run on a batch (the cheap ones first)
-PASSES: tuple[Callable[[PassSetup], MetricPass], ...] = (
+PASSES: tuple[type[MetricPass], ...] = (
     ConcentrationPass,
     AnnotationPass,
     PerturbationPass,
@@ -90,7 +90,7 @@ class Evaluator:
         self.metrics = tuple(settings.metrics)
         self.chunk = settings.metric_batch_size or 4 * settings.batch_size
         asked = set(self.metrics)
-        self.passes: list[MetricPass] = [p for make in PASSES if asked & set((p := make(setup)).metrics)]
+        self.passes: list[MetricPass] = [make(setup) for make in PASSES if asked & set(make.metrics)]
         self.stage_seconds = {"select": 0.0} if settings.only_below else {}
         self.stage_seconds["metrics"] = 0.0
         self.stage_seconds.update({self._stage(p): 0.0 for p in self.passes})

@@ -9,22 +9,15 @@ image's maps); drop: M forwards. No backward.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from gradcam_cli.audit import measures as M
-from gradcam_cli.audit.batch_maps import BatchContext, LayerMaps, PassSetup
+from gradcam_cli.audit.batch_maps import BatchContext, LayerMaps, MetricPass
 
 
-class PerturbationPass:
-    metrics: tuple[str, ...] = ("deletion", "insertion", "drop")
-
-    def __init__(self, setup: PassSetup) -> None:
-        self.asked = set(setup.settings.metrics)
-
-    def manifest(self) -> dict[str, Any]:
-        return {}
+class PerturbationPass(MetricPass):
+    metrics = ("deletion", "insertion", "drop")
 
     def measure(self, ctx: BatchContext, layers: Sequence[LayerMaps]) -> None:
         modes = tuple(m for m in M.PERTURBATION_MODES if m in self.asked)

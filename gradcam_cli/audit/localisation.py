@@ -7,26 +7,22 @@ no forward. A map whose class has no annotation on its image is left empty, as t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradcam_cli.audit import measures as M
 from gradcam_cli.audit.annotations import Annotations, read_mask
-from gradcam_cli.audit.batch_maps import BatchContext, LayerMaps, PassSetup
+from gradcam_cli.audit.batch_maps import BatchContext, LayerMaps, MetricPass, PassSetup
 from gradcam_cli.render.heatmap import upsample_normalize
 
 
-class AnnotationPass:
-    metrics: tuple[str, ...] = ("pointing", "energy")
+class AnnotationPass(MetricPass):
+    metrics = ("pointing", "energy")
 
     def __init__(self, setup: PassSetup) -> None:
-        self.asked = set(setup.settings.metrics)
+        super().__init__(setup)
         self.annotations: Annotations | None = setup.annotations
-
-    def manifest(self) -> dict[str, Any]:
-        return {}
 
     def measure(self, ctx: BatchContext, layers: Sequence[LayerMaps]) -> None:
         assert self.annotations is not None

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from gradcam_cli.audit import measures as M
-from gradcam_cli.audit.batch_maps import BatchContext, Explain, LayerMaps, PassSetup
+from gradcam_cli.audit.batch_maps import BatchContext, Explain, LayerMaps, MetricPass, PassSetup
 from gradcam_cli.audit.map_similarity import ssim
 
 
@@ -56,10 +56,11 @@ def random_logit_values(
     return [ssim(maps.saliency, M.input_maps(maps.pick(result), maps.input_size)) for maps in layers]
 
 
-class RandomLogitPass:
-    metrics: tuple[str, ...] = ("random_logit",)
+class RandomLogitPass(MetricPass):
+    metrics = ("random_logit",)
 
     def __init__(self, setup: PassSetup) -> None:
+        super().__init__(setup)
         self.seed = setup.settings.seed
 
     def manifest(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from gradcam_cli.audit import measures as M
-from gradcam_cli.audit.batch_maps import BatchContext, Explain, LayerMaps, PassSetup
+from gradcam_cli.audit.batch_maps import BatchContext, Explain, LayerMaps, MetricPass, PassSetup
 from gradcam_cli.audit.map_similarity import spearman
 from gradcam_cli.audit.reinit import RandomWeights, plan_randomization
 from gradcam_cli.model.layers import choose_layers
@@ -71,10 +71,11 @@ def _run_layers(setup: PassSetup) -> dict[str, torch.nn.Module]:
     return choose_layers(loaded.model, s.target_layers, s.model, loaded.spec.size, setup.device, lambda _: None)
 
 
-class RandomizationPass:
-    metrics: tuple[str, ...] = ("randomization",)
+class RandomizationPass(MetricPass):
+    metrics = ("randomization",)
 
     def __init__(self, setup: PassSetup) -> None:
+        super().__init__(setup)
         settings = setup.settings
         self.mode = settings.randomization
         self.seed = settings.seed

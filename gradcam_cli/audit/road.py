@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradcam_cli.audit.batch_maps import BatchContext, LayerMaps, PassSetup
+from gradcam_cli.audit.batch_maps import BatchContext, LayerMaps, MetricPass, PassSetup
 
 PERCENTILES: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 ORDERS: tuple[str, ...] = ("morf", "lerf")
@@ -268,10 +268,11 @@ def job_noise(seeds: Sequence[int], shape: Sequence[int], std: float, device: to
     return (torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]) * std).to(device)
 
 
-class RoadPass:
-    metrics: tuple[str, ...] = ("road",)
+class RoadPass(MetricPass):
+    metrics = ("road",)
 
     def __init__(self, setup: PassSetup) -> None:
+        super().__init__(setup)
         self.seed = setup.settings.seed
 
     def manifest(self) -> dict[str, Any]:

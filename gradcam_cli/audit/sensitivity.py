@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from gradcam_cli.audit import measures as M
-from gradcam_cli.audit.batch_maps import BatchContext, LayerMaps, PassSetup
+from gradcam_cli.audit.batch_maps import BatchContext, LayerMaps, MetricPass, PassSetup
 from gradcam_cli.cam.engine import CamResult
 
 SEED_RULE = "a torch CPU generator per image, seeded with blake2b('<seed>:<path>', 8 bytes), little-endian, top bit 0"
@@ -75,10 +75,11 @@ def relative_change(noisy: Tensor, reference: Tensor, reference_norm: Tensor) ->
     return diff / torch.where(reference_norm > 0, reference_norm, torch.full_like(reference_norm, torch.nan))
 
 
-class SensitivityPass:
-    metrics: tuple[str, ...] = ("sensitivity",)
+class SensitivityPass(MetricPass):
+    metrics = ("sensitivity",)
 
     def __init__(self, setup: PassSetup) -> None:
+        super().__init__(setup)
         settings = setup.settings
         self.samples = settings.sensitivity_samples
         self.radius = settings.sensitivity_radius
