@@ -338,3 +338,35 @@ def test_input_maps_normalise_and_zero_constant_maps() -> None:
     assert maps.shape == (2, 8, 8)
     assert float(maps[0].min()) == 0.0 and float(maps[0].max()) == 1.0
     assert float(maps[1].abs().max()) == 0.0
+
+
+# ------------------------------------------------------------------------------------------- the pass registry
+
+
+def test_every_metric_name_has_exactly_one_pass_and_only_asked_families_are_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gradcam_cli.audit import evaluate
+    from gradcam_cli.audit.batch_maps import PassSetup
+    from gradcam_cli.audit.metrics import METRIC_NAMES
+    from gradcam_cli.config import Settings
+    from gradcam_cli.model.loading import InputSpec, LoadedModel
+
+    served = [name for make in evaluate.PASSES for name in make.metrics]
+    assert sorted(served) == sorted(METRIC_NAMES)  # each --metrics name is measured by one family
+
+    built: list[str] = []
+    for make in evaluate.PASSES:
+        original = make.__init__
+
+        def record(self: object, setup: PassSetup, _make: type = make, _init: object = original) -> None:
+            built.append(_make.__name__)
+            _init(self, setup)  # type: ignore[operator]
+
+        monkeypatch.setattr(make, "__init__", record)
+    spec = InputSpec(size=(32, 32), resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    loaded = LoadedModel(nn.Conv2d(3, 2, 3), "tiny", "none", spec, [])
+    settings = Settings(metrics=("sparseness", "drop"))
+    evaluator = evaluate.Evaluator(PassSetup(settings, loaded, {}, torch.device("cpu"), None, None))
+    assert built == ["ConcentrationPass", "PerturbationPass"]  # no probe forward, no random weights for the rest
+    assert set(evaluator.stage_seconds) == {"metrics", "metric:sparseness", "metric:drop"}
