@@ -169,31 +169,7 @@ def report(
     summary = summarize(header, rows, truth, labels, worst=10, run=run, groups=groups, group_min_count=min_count)
     records = _records(rows, header, truth, groups)
 
-    # thumbnails: one per original image, one per overlay, made on a thread pool (Pillow releases the GIL)
-    jobs: list[tuple[Path, Path, dict[str, Any], str]] = []
-    originals: dict[str, str] = {}
-    for rec in records:
-        rel = rec["p"]
-        if rel not in originals:
-            source = _source_of(rel, roots)
-            originals[rel] = f"{THUMB_DIR}/original/{rel}.jpg" if source is not None else ""
-            if source is not None:
-                jobs.append((source, out_dir / originals[rel], rec, "ti_"))
-        if rec["to"]:
-            jobs.append((out_dir / rec["o"], out_dir / rec["to"], rec, "to"))
-    for rec in records:
-        rec["ti_"] = originals.get(rec["p"], "")
-    workers = threads or min(8, (os.cpu_count() or 2))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gradcam-thumb") as pool:
-        made = list(pool.map(lambda job: make_thumbnail(job[0], job[1], thumb_size), jobs))
-    failed = {(str(job[1])) for job, ok in zip(jobs, made, strict=True) if not ok}
-    for rec in records:
-        for key in ("to", "ti_"):
-            if rec[key] and str(out_dir / rec[key]) in failed:
-                rec[key] = ""
-    missing = sum(1 for v in originals.values() if not v)
-    if missing:
-        log(f"report: {missing} original image(s) not found under the run's inputs; their cards show the overlay only")
+    thumbnails = _thumbnails(records, roots, out_dir, thumb_size, threads, log)
 
     page_title = title or f"gradcam report: {run.get('model') or 'model'} on {out_dir.resolve().name}"
     payload = {
@@ -209,8 +185,41 @@ def report(
     html = inline_page(ASSETS, "report", page_title, payload)
     path = folder.file(names.REPORT)
     atomic_write(path, html.encode("utf-8"))
-    log(f"report: {len(records)} rows, {len(jobs)} thumbnails -> {path}")
+    log(f"report: {len(records)} rows, {thumbnails} thumbnails -> {path}")
     return path
+
+
+def _thumbnails(
+    records: list[dict[str, Any]], roots: Sequence[str], out_dir: Path, size: int, threads: int | None, log: LogFn
+) -> int:
+    """Make each record's thumbnails, one per original image and one per overlay, on a thread pool (Pillow
+    releases the GIL), and point the records at them (`ti_`, `to`; "" where one could not be made). Returns how
+    many were attempted."""
+    jobs: list[tuple[Path, Path, dict[str, Any], str]] = []
+    originals: dict[str, str] = {}
+    for rec in records:
+        rel = rec["p"]
+        if rel not in originals:
+            source = _source_of(rel, roots)
+            originals[rel] = f"{THUMB_DIR}/original/{rel}.jpg" if source is not None else ""
+            if source is not None:
+                jobs.append((source, out_dir / originals[rel], rec, "ti_"))
+        if rec["to"]:
+            jobs.append((out_dir / rec["o"], out_dir / rec["to"], rec, "to"))
+    for rec in records:
+        rec["ti_"] = originals.get(rec["p"], "")
+    workers = threads or min(8, (os.cpu_count() or 2))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gradcam-thumb") as pool:
+        made = list(pool.map(lambda job: make_thumbnail(job[0], job[1], size), jobs))
+    failed = {(str(job[1])) for job, ok in zip(jobs, made, strict=True) if not ok}
+    for rec in records:
+        for key in ("to", "ti_"):
+            if rec[key] and str(out_dir / rec[key]) in failed:
+                rec[key] = ""
+    missing = sum(1 for v in originals.values() if not v)
+    if missing:
+        log(f"report: {missing} original image(s) not found under the run's inputs; their cards show the overlay only")
+    return len(jobs)
 
 
 def _script_json(data: Any) -> str:
