@@ -45,7 +45,10 @@ TORCH_FREE = [
     "gradcam_cli.render.colormaps",
     "gradcam_cli.run.world",
     *[f"gradcam_cli.out.{p.stem}" for p in sorted((PACKAGE / "out").glob("*.py")) if p.stem != "__init__"],
-    *[f"gradcam_cli.audit.{m}" for m in ("metrics", "truth", "gates", "groups", "summary", "report", "annotations")],
+    *[
+        f"gradcam_cli.audit.{m}"
+        for m in ("metrics", "numbers", "truth", "gates", "groups", "summary", "report", "annotations")
+    ],
 ]
 
 

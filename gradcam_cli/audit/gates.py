@@ -12,29 +12,13 @@ another's (see `audit.groups`). Without groups it is a usage error; without two 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gradcam_cli.audit.metrics import ACCURACY, BY_GATE, gap_column, gap_gate, gate_hint
+from gradcam_cli.audit.numbers import rounded
 from gradcam_cli.errors import GradcamError
-
-
-def rounded(value: float | None, digits: int = 6) -> float | None:
-    """How summary.json writes a number."""
-    return None if value is None else round(value, digits)
-
-
-def number(text: str | None) -> float | None:
-    """A CSV cell as a finite float, or None (empty, not a number, or not finite)."""
-    if text is None or text == "":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import csv
 import posixpath
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradcam_cli.audit.gates import number, rounded
 from gradcam_cli.audit.metrics import ACCURACY, MetricColumn
+from gradcam_cli.audit.numbers import RowMeans, mean, rounded
 from gradcam_cli.config import GROUP_FOLDERS_PATTERN
 from gradcam_cli.config import GROUP_MIN_COUNT as MIN_COUNT
 from gradcam_cli.errors import GradcamError
@@ -127,16 +126,11 @@ def resolve_groups(spec: str | None, rels: Sequence[str]) -> Groups | None:
 
 @dataclass
 class _Tally:
-    """What one group collects: its images, right/wrong of those with truth, target probs and metric values."""
+    """What one group collects: its images, right/wrong of those with truth, and its rows' means."""
 
+    means: RowMeans
     images: int = 0
     judged: list[float] = field(default_factory=list)
-    probs: list[float] = field(default_factory=list)
-    values: dict[str, list[float]] = field(default_factory=dict)
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return rounded(statistics.fmean(values)) if values else None
 
 
 def gap(means: Mapping[str, tuple[float | None, int]], min_count: int) -> dict[str, Any] | None:
@@ -175,7 +169,7 @@ def _tallies(
 
     def tally(rel: str) -> _Tally:
         name = groups.of(rel)[attribute]
-        return tallies.setdefault(name, _Tally(values={c.name: [] for c in metric_cols}))
+        return tallies.setdefault(name, _Tally(RowMeans(metric_cols)))
 
     for rel in first:
         t = tally(rel)
@@ -183,12 +177,7 @@ def _tallies(
         if rel in truth_of:
             t.judged.append(1.0 if truth_of[rel][1] else 0.0)
     for row in ok_rows:
-        t = tally(row.get("path", ""))
-        if (p := number(row.get("target_prob"))) is not None:
-            t.probs.append(p)
-        for c in metric_cols:
-            if (v := number(row.get(c.name))) is not None:
-                t.values[c.name].append(v)
+        tally(row.get("path", "")).means.add(row)
     return tallies
 
 
@@ -201,17 +190,15 @@ def _attribute_block(
         t = tallies[name]
         entry: dict[str, Any] = {"group": name, "images": t.images}
         if truth_known:
-            entry.update(truth_images=len(t.judged), accuracy=_mean(t.judged))
-        entry["mean_target_prob"] = _mean(t.probs)
-        for c in metric_cols:
-            entry[c.summary_key] = _mean(t.values[c.name])
-            entry[f"count_{c.name}"] = len(t.values[c.name])
+            entry.update(truth_images=len(t.judged), accuracy=mean(t.judged))
+        entry.update(t.means.entry())
         entries.append(entry)
     gaps: dict[str, Any] = {}
     if truth_known:
-        gaps[ACCURACY] = gap({g: (_mean(t.judged), len(t.judged)) for g, t in tallies.items()}, min_count)
+        gaps[ACCURACY] = gap({g: (mean(t.judged), len(t.judged)) for g, t in tallies.items()}, min_count)
     for c in metric_cols:
-        gaps[c.name] = gap({g: (_mean(t.values[c.name]), len(t.values[c.name])) for g, t in tallies.items()}, min_count)
+        values = {g: t.means.values[c.name] for g, t in tallies.items()}
+        gaps[c.name] = gap({g: (mean(v), len(v)) for g, v in values.items()}, min_count)
     return {"groups": entries, "gaps": gaps}
 
 

@@ -15,9 +15,10 @@ from typing import Any
 
 from gradcam_cli import __version__
 from gradcam_cli.audit.diff.gates import DIFF_GATE_KEYS
-from gradcam_cli.audit.gates import Gate, GateResult, check_gates, gates_from, number, rounded
+from gradcam_cli.audit.gates import Gate, GateResult, check_gates, gates_from
 from gradcam_cli.audit.groups import MIN_COUNT, Groups, groups_summary, resolve_groups
 from gradcam_cli.audit.metrics import ACCURACY, MetricColumn, columns_in, gap_gate, measured_header
+from gradcam_cli.audit.numbers import RowMeans, number, rounded
 from gradcam_cli.audit.truth import Truth, resolve_truth
 from gradcam_cli.config import Settings
 from gradcam_cli.errors import ExitCode, GradcamError
@@ -60,10 +61,6 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
         "min": rounded(min(values)),
         "max": rounded(max(values)),
     }
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return rounded(statistics.fmean(values)) if values else None
 
 
 def summarize(
@@ -180,31 +177,24 @@ def _per_class(
     per_class: dict[str, dict[str, Any]] = {}
 
     def entry(name: str) -> dict[str, Any]:
-        return per_class.setdefault(name, {"class": name, "rows": 0, "_probs": [], **{c.name: [] for c in metric_cols}})
+        return per_class.setdefault(name, {"rows": 0, "means": RowMeans(metric_cols), "truth_images": 0, "correct": 0})
 
     for r in ok_rows:
         e = entry(r.get("target_label", ""))
         e["rows"] += 1
-        if (p := number(r.get("target_prob"))) is not None:
-            e["_probs"].append(p)
-        for c in metric_cols:
-            if (v := number(r.get(c.name))) is not None:
-                e[c.name].append(v)
+        e["means"].add(r)
     for name, correct in truth_of.values():
         e = entry(name)
-        e["truth_images"] = e.get("truth_images", 0) + 1
-        e["correct"] = e.get("correct", 0) + int(correct)
+        e["truth_images"] += 1
+        e["correct"] += int(correct)
     classes = []
     for name in sorted(per_class, key=str.lower):
         e = per_class[name]
-        out: dict[str, Any] = {"class": name, "rows": e["rows"], "mean_target_prob": _mean(e["_probs"])}
-        for c in metric_cols:
-            out[c.summary_key] = _mean(e[c.name])
-            out[f"count_{c.name}"] = len(e[c.name])
+        out: dict[str, Any] = {"class": name, "rows": e["rows"], **e["means"].entry()}
         if truth_known:
-            n = e.get("truth_images", 0)
+            n = e["truth_images"]
             out["truth_images"] = n
-            out["accuracy"] = rounded(e.get("correct", 0) / n) if n else None
+            out["accuracy"] = rounded(e["correct"] / n) if n else None
         classes.append(out)
     return classes
 

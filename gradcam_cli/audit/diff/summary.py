@@ -11,7 +11,7 @@ from typing import Any
 
 from gradcam_cli import __version__
 from gradcam_cli.audit.diff.pairs import COMPARED, STATUSES, Pair
-from gradcam_cli.audit.gates import rounded
+from gradcam_cli.audit.numbers import rounded
 
 DIFF_COLUMNS: tuple[str, ...] = (
     "path",
